@@ -6,5 +6,6 @@
 pub mod api;
 pub mod cloud;
 pub mod config;
+pub mod metrics;
 pub mod preflight;
 pub mod telemetry;

@@ -27,18 +27,19 @@ pub enum PreflightError {
     #[error("cannot list {kind} objects: {reason}")]
     CrdUnusable { kind: String, reason: String },
     #[error(transparent)]
-    Ec2(#[from] ec2::Ec2ConfigError),
+    Aws(#[from] ec2::Ec2ConfigError),
 }
 
 /// What a successful preflight hands to the operator.
 pub struct Clients {
     pub kube: Client,
-    pub ec2: aws_sdk_ec2::Client,
+    pub aws: aws_config::SdkConfig,
 }
 
 pub async fn connect(cfg: &RunConfig) -> Result<Clients, PreflightError> {
     // Local configuration first: it needs no network, so its errors come before any timeout.
-    let ec2 = ec2::client_from_env(cfg.region.as_deref(), cfg.aws_endpoint_url.as_deref()).await?;
+    let aws =
+        ec2::sdk_config_from_env(cfg.region.as_deref(), cfg.aws_endpoint_url.as_deref()).await?;
 
     let config = kube::Config::infer()
         .await
@@ -58,7 +59,7 @@ pub async fn connect(cfg: &RunConfig) -> Result<Clients, PreflightError> {
 
     check_crd::<AWSNodeClass>(&client).await?;
     check_crd::<NodePool>(&client).await?;
-    Ok(Clients { kube: client, ec2 })
+    Ok(Clients { kube: client, aws })
 }
 
 /// A list with `limit=1` is the cheapest request that proves the CRD is served and that our

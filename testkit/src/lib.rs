@@ -2,5 +2,9 @@
 //!
 //! - [`schema`]: validates and defaults custom resources the way the API server does with a
 //!   CRD's structural schema and CEL rules.
+//! - [`moto`]: starts the EC2 emulator; [`ec2_faults`]: a fault-injecting proxy in front of it.
 
+pub mod ec2_faults;
+mod http;
+pub mod moto;
 pub mod schema;
