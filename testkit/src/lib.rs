@@ -4,6 +4,7 @@
 //!   CRD's structural schema and CEL rules.
 //! - [`moto`]: starts the EC2 emulator; [`ec2_faults`]: a fault-injecting proxy in front of it.
 
+pub mod apiserver;
 pub mod ec2_faults;
 mod http;
 pub mod moto;
