@@ -5,7 +5,11 @@
 //! - [`moto`]: starts the EC2 emulator; [`ec2_faults`]: a fault-injecting proxy in front of it.
 
 pub mod apiserver;
+pub mod controllers;
 pub mod ec2_faults;
 mod http;
+pub mod kubelet;
 pub mod moto;
+pub mod nodematch;
+pub mod scheduler;
 pub mod schema;

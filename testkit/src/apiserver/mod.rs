@@ -33,6 +33,7 @@ use tokio::{net::TcpListener, sync::broadcast, task::JoinHandle};
 pub use patch::{ListStrategy, builtin_list_strategy, merge_patch, strategic_merge_patch};
 pub use resources::ResourceDef;
 pub use selectors::{FieldSelector, LabelSelector};
+pub use store::now_rfc3339 as now;
 use store::{ApiError, Change, ChangeKind, Store, Target};
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;

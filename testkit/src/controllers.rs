@@ -1,0 +1,186 @@
+//! The controller-manager parts the tests need: a DaemonSet controller (one pod per eligible
+//! node, with the default DaemonSet tolerations) and pod garbage collection (pods bound to
+//! a node that no longer exists are deleted).
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{Node, Pod, Toleration},
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, PostParams},
+    runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
+};
+use tokio::{sync::Notify, task::JoinHandle};
+
+use crate::nodematch;
+
+pub struct Controllers {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Controllers {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn spawn_reflector<K>(api: Api<K>, notify: Arc<Notify>) -> (Store<K>, JoinHandle<()>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while stream.next().await.is_some() {
+            notify.notify_one();
+        }
+    });
+    (reader, task)
+}
+
+/// The tolerations the DaemonSet controller adds to every DaemonSet pod.
+pub fn daemonset_default_tolerations() -> Vec<Toleration> {
+    let t = |key: &str, effect: &str| Toleration {
+        key: Some(key.into()),
+        operator: Some("Exists".into()),
+        effect: Some(effect.into()),
+        ..Default::default()
+    };
+    vec![
+        t("node.kubernetes.io/not-ready", "NoExecute"),
+        t("node.kubernetes.io/unreachable", "NoExecute"),
+        t("node.kubernetes.io/disk-pressure", "NoSchedule"),
+        t("node.kubernetes.io/memory-pressure", "NoSchedule"),
+        t("node.kubernetes.io/pid-pressure", "NoSchedule"),
+        t("node.kubernetes.io/unschedulable", "NoSchedule"),
+    ]
+}
+
+impl Controllers {
+    pub fn start(client: Client) -> Controllers {
+        let notify = Arc::new(Notify::new());
+        let (pods, t1) = spawn_reflector(Api::<Pod>::all(client.clone()), notify.clone());
+        let (nodes, t2) = spawn_reflector(Api::<Node>::all(client.clone()), notify.clone());
+        let (sets, t3) = spawn_reflector(Api::<DaemonSet>::all(client.clone()), notify.clone());
+        let main = tokio::spawn(async move {
+            let _ = tokio::join!(
+                pods.wait_until_ready(),
+                nodes.wait_until_ready(),
+                sets.wait_until_ready()
+            );
+            loop {
+                reconcile_daemonsets(&client, &pods, &nodes, &sets).await;
+                collect_orphan_pods(&client, &pods, &nodes).await;
+                tokio::select! {
+                    _ = notify.notified() => tokio::time::sleep(Duration::from_millis(10)).await,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+        Controllers {
+            tasks: vec![t1, t2, t3, main],
+        }
+    }
+}
+
+async fn reconcile_daemonsets(
+    client: &Client,
+    pods: &Store<Pod>,
+    nodes: &Store<Node>,
+    sets: &Store<DaemonSet>,
+) {
+    let pods = pods.state();
+    for ds in sets.state() {
+        let ns = ds.namespace().unwrap_or_default();
+        let uid = ds.uid().unwrap_or_default();
+        let have: BTreeSet<String> = pods
+            .iter()
+            .filter(|p| p.owner_references().iter().any(|o| o.uid == uid))
+            .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+            .collect();
+        let Some(template) = ds.spec.as_ref().map(|s| s.template.clone()) else {
+            continue;
+        };
+        for node in nodes.state() {
+            let node_name = node.name_any();
+            if have.contains(&node_name) || node.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let mut spec = template.spec.clone().unwrap_or_default();
+            let mut tolerations = spec.tolerations.clone().unwrap_or_default();
+            tolerations.extend(daemonset_default_tolerations());
+            spec.tolerations = Some(tolerations);
+            let mut pod = Pod {
+                metadata: template.metadata.clone().unwrap_or_default(),
+                spec: Some(spec),
+                status: None,
+            };
+            // Eligibility ignores readiness and cordons (DaemonSet pods tolerate both).
+            let eligible = nodematch::selects_node(&pod, &node)
+                && nodematch::untolerated_taint(&pod, &node)
+                    .is_none_or(|t| t.key.starts_with("node.kubernetes.io/"));
+            if !eligible {
+                continue;
+            }
+            pod.metadata.name = Some(format!("{}-{}", ds.name_any(), short_hash(&node_name)));
+            pod.metadata.namespace = Some(ns.clone());
+            pod.metadata.owner_references = Some(vec![
+                ds.controller_owner_ref(&()).expect("daemonset has a uid"),
+            ]);
+            if let Some(spec) = pod.spec.as_mut() {
+                spec.node_name = Some(node_name.clone());
+            }
+            let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+            let _ = api.create(&PostParams::default(), &pod).await;
+        }
+    }
+}
+
+async fn collect_orphan_pods(client: &Client, pods: &Store<Pod>, nodes: &Store<Node>) {
+    let names: BTreeSet<String> = nodes.state().iter().map(|n| n.name_any()).collect();
+    for pod in pods.state() {
+        let Some(node) = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .filter(|n| !n.is_empty())
+        else {
+            continue;
+        };
+        if !names.contains(&node) {
+            let api: Api<Pod> =
+                Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
+            let _ = api
+                .delete(
+                    &pod.name_any(),
+                    &DeleteParams {
+                        grace_period_seconds: Some(0),
+                        ..Default::default()
+                    },
+                )
+                .await;
+        }
+    }
+}
+
+fn short_hash(s: &str) -> String {
+    let h = s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
+    format!("{:05x}", h & 0xfffff)
+}

@@ -1,0 +1,204 @@
+//! A minimal kube-scheduler: binds pending pods to Ready, schedulable nodes they fit, or
+//! marks them `PodScheduled=False, reason=Unschedulable` with kube-scheduler's message.
+//! It re-evaluates whenever pods or nodes change, and every second.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{Patch, PatchParams, PostParams},
+    runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
+};
+use serde_json::json;
+use tokio::{sync::Notify, task::JoinHandle};
+
+use crate::nodematch::{self, Resources};
+
+pub struct Scheduler {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn spawn_reflector<K>(api: Api<K>, notify: Arc<Notify>) -> (Store<K>, JoinHandle<()>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while stream.next().await.is_some() {
+            notify.notify_one();
+        }
+    });
+    (reader, task)
+}
+
+fn is_terminal(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+fn node_name(pod: &Pod) -> Option<&str> {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .filter(|n| !n.is_empty())
+}
+
+impl Scheduler {
+    pub fn start(client: Client) -> Scheduler {
+        let notify = Arc::new(Notify::new());
+        let (pods, pod_task) = spawn_reflector(Api::<Pod>::all(client.clone()), notify.clone());
+        let (nodes, node_task) = spawn_reflector(Api::<Node>::all(client.clone()), notify.clone());
+        let main = tokio::spawn(async move {
+            pods.wait_until_ready().await.ok();
+            nodes.wait_until_ready().await.ok();
+            let mut reported: BTreeMap<String, String> = BTreeMap::new();
+            loop {
+                schedule_round(&client, &pods, &nodes, &mut reported).await;
+                tokio::select! {
+                    _ = notify.notified() => tokio::time::sleep(Duration::from_millis(10)).await,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+        Scheduler {
+            tasks: vec![pod_task, node_task, main],
+        }
+    }
+}
+
+async fn schedule_round(
+    client: &Client,
+    pods: &Store<Pod>,
+    nodes: &Store<Node>,
+    reported: &mut BTreeMap<String, String>,
+) {
+    let nodes = nodes.state();
+    let all_pods = pods.state();
+    let mut used: BTreeMap<String, Resources> = BTreeMap::new();
+    for pod in all_pods.iter().filter(|p| !is_terminal(p)) {
+        if let Some(node) = node_name(pod) {
+            let entry = used.entry(node.to_owned()).or_default();
+            for (k, v) in nodematch::pod_requests(pod) {
+                *entry.entry(k).or_default() += v;
+            }
+        }
+    }
+    let mut pending: Vec<&Arc<Pod>> = all_pods
+        .iter()
+        .filter(|p| {
+            node_name(p).is_none() && p.metadata.deletion_timestamp.is_none() && !is_terminal(p)
+        })
+        .filter(|p| {
+            p.spec
+                .as_ref()
+                .and_then(|s| s.scheduler_name.as_deref())
+                .unwrap_or("default-scheduler")
+                == "default-scheduler"
+        })
+        .collect();
+    pending.sort_by_key(|p| {
+        (
+            p.metadata.creation_timestamp.clone().map(|t| t.0),
+            p.name_any(),
+        )
+    });
+    for pod in pending {
+        let ns = pod.namespace().unwrap_or_default();
+        let key = format!("{ns}/{}", pod.name_any());
+        let mut misfits = Vec::new();
+        let mut best: Option<(f64, String)> = None;
+        for node in nodes.iter() {
+            let name = node.name_any();
+            let node_used = used.get(&name).cloned().unwrap_or_default();
+            match nodematch::fits(pod, node, &node_used) {
+                Ok(()) => {
+                    // LeastAllocated on CPU, ties broken by name.
+                    let cpu = nodematch::allocatable(node)
+                        .get("cpu")
+                        .copied()
+                        .unwrap_or(1.0)
+                        .max(1e-9);
+                    let score = node_used.get("cpu").copied().unwrap_or(0.0) / cpu;
+                    if best
+                        .as_ref()
+                        .is_none_or(|(s, n)| score < *s || (score == *s && name < *n))
+                    {
+                        best = Some((score, name));
+                    }
+                }
+                Err(m) => misfits.push(m),
+            }
+        }
+        let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        match best {
+            Some((_, node)) => {
+                let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod.name_any()}, "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
+                let bound = api
+                    .create_subresource::<serde_json::Value, serde_json::Value>(
+                        "binding",
+                        &pod.name_any(),
+                        &PostParams::default(),
+                        &binding,
+                    )
+                    .await;
+                if bound.is_ok() {
+                    let entry = used.entry(node).or_default();
+                    for (k, v) in nodematch::pod_requests(pod) {
+                        *entry.entry(k).or_default() += v;
+                    }
+                    reported.remove(&key);
+                }
+            }
+            None => {
+                let message = nodematch::unschedulable_message(nodes.len(), &misfits);
+                if reported.get(&key) == Some(&message) {
+                    continue;
+                }
+                let patch = json!({"status": {"conditions": [{
+                    "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                    "message": message, "lastProbeTime": null,
+                    "lastTransitionTime": crate::apiserver::now(),
+                }]}});
+                if api
+                    .patch_status(
+                        &pod.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Strategic(&patch),
+                    )
+                    .await
+                    .is_ok()
+                {
+                    reported.insert(key, message);
+                }
+            }
+        }
+    }
+    reported.retain(|k, _| {
+        all_pods.iter().any(|p| {
+            format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()) == *k
+                && node_name(p).is_none()
+        })
+    });
+}
