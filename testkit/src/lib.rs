@@ -13,3 +13,4 @@ pub mod moto;
 pub mod nodematch;
 pub mod scheduler;
 pub mod schema;
+pub mod tools;

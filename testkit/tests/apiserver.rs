@@ -516,3 +516,81 @@ async fn selectors_pagination_and_strategic_merge_work_like_the_api_server() {
         .unwrap();
     assert_eq!(before, after.metadata.resource_version);
 }
+
+/// kubectl, a client we did not write, against the embedded server: discovery, apply,
+/// printer-column tables and the API server's validation messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_works_against_the_embedded_server() {
+    let Some(kubectl) = testkit::tools::kubectl() else {
+        return;
+    };
+    let server = ApiServer::start_with_repo_crds().await;
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&kubectl)
+            .args(args)
+            .env("KUBECONFIG", server.kubeconfig_path())
+            .current_dir(&repo)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    // kubectl's client-side validation needs the OpenAPI documents, which are not served.
+    let (ok, out) =
+        tokio::task::block_in_place(|| run(&["apply", "--validate=false", "-f", "examples/"]));
+    assert!(ok, "{out}");
+    assert!(out.contains("nodepool.stratos.sh/workers created"), "{out}");
+    let (ok, out) = tokio::task::block_in_place(|| run(&["get", "np"]));
+    assert!(ok, "{out}");
+    let header = out.lines().next().unwrap_or_default();
+    for column in [
+        "NAME",
+        "POOLSIZE",
+        "MINSTANDBY",
+        "STANDBY",
+        "RUNNING",
+        "WARMUP",
+        "READY",
+        "AGE",
+    ] {
+        assert!(header.contains(column), "{header}");
+    }
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("workers ") && l.contains(" 10 ") && l.contains(" 3 ")),
+        "{out}"
+    );
+    let (ok, out) = tokio::task::block_in_place(|| {
+        run(&[
+            "get",
+            "awsnc",
+            "inference",
+            "-o",
+            "jsonpath={.spec.blockDeviceMappings[0].iops}",
+        ])
+    });
+    assert!(ok && out == "16000", "{out}");
+    let (ok, out) = tokio::task::block_in_place(|| {
+        run(&[
+            "apply",
+            "--validate=false",
+            "-f",
+            "tests/fixtures/invalid/minstandby-above-poolsize.yaml",
+        ])
+    });
+    assert!(!ok);
+    assert!(out.contains("spec.minStandby"), "{out}");
+    let (ok, out) = tokio::task::block_in_place(|| {
+        run(&[
+            "apply",
+            "--validate=false",
+            "-f",
+            "examples/quickstart.yaml",
+        ])
+    });
+    assert!(ok && out.contains("unchanged"), "{out}");
+}

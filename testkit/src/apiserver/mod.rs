@@ -392,10 +392,10 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             if watch {
                 return watch_response(shared, route, &query, wants_metadata(&accept));
             }
-            list(&shared, &route, &query, wants_metadata(&accept))
+            list(&shared, &route, &query, representation(&accept))
         }
         (Method::GET, true, sub) if sub.is_none() || sub == Some("status") => {
-            get(&shared, &route, wants_metadata(&accept))
+            get(&shared, &route, representation(&accept))
         }
         (Method::POST, false, None) => create(&shared, &route, &body),
         (Method::POST, true, Some("binding")) => bind(&shared, &route, &body),
@@ -441,20 +441,18 @@ fn check_namespace(shared: &Shared, route: &Route) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn get(shared: &Shared, route: &Route, metadata_only: bool) -> Handled {
+fn get(shared: &Shared, route: &Route, repr: Representation) -> Handled {
     let name = route.name.as_deref().unwrap_or_default();
     let store = shared.store.lock().unwrap();
     let obj = store
         .get(&route.def, &ns_of(route), name)
         .ok_or_else(|| ApiError::not_found(&route.def, name))?;
-    Ok((
-        200,
-        if metadata_only {
-            as_metadata(obj)
-        } else {
-            obj.clone()
-        },
-    ))
+    let body = match repr {
+        Representation::Metadata => as_metadata(obj),
+        Representation::Table => resources::table(&route.def, &[obj], store.resource_version()),
+        Representation::Full => obj.clone(),
+    };
+    Ok((200, body))
 }
 
 fn selectors(route: &Route, query: &str) -> Result<(LabelSelector, FieldSelector), ApiError> {
@@ -468,7 +466,26 @@ fn selectors(route: &Route, query: &str) -> Result<(LabelSelector, FieldSelector
     Ok((labels, fields))
 }
 
-fn list(shared: &Shared, route: &Route, query: &str, metadata_only: bool) -> Handled {
+/// What representation the client asked for in `Accept`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Representation {
+    Full,
+    Metadata,
+    Table,
+}
+
+fn representation(accept: &str) -> Representation {
+    if accept.contains("as=Table") {
+        Representation::Table
+    } else if wants_metadata(accept) {
+        Representation::Metadata
+    } else {
+        Representation::Full
+    }
+}
+
+fn list(shared: &Shared, route: &Route, query: &str, repr: Representation) -> Handled {
+    let metadata_only = repr == Representation::Metadata;
     let (labels, fields) = selectors(route, query)?;
     let limit: usize = query_param(query, "limit")
         .and_then(|l| l.parse().ok())
@@ -511,6 +528,14 @@ fn list(shared: &Shared, route: &Route, query: &str, metadata_only: bool) -> Han
     let mut meta = json!({"resourceVersion": rv.to_string()});
     if let Some(next) = next {
         meta["continue"] = json!(next);
+    }
+    if repr == Representation::Table {
+        let refs: Vec<&Value> = items.iter().collect();
+        let mut table = resources::table(&route.def, &refs, rv);
+        if let Some(c) = meta.get("continue") {
+            table["metadata"]["continue"] = c.clone();
+        }
+        return Ok((200, table));
     }
     let (kind, api_version, items) = if metadata_only {
         (

@@ -22,6 +22,8 @@ pub struct ResourceDef {
     pub extra_fields: Vec<&'static str>,
     pub schema: Option<Arc<CrdSchema>>,
     pub raw_schema: Option<Value>,
+    /// `additionalPrinterColumns` (name, type, jsonPath), for `kubectl get` tables.
+    pub printer_columns: Vec<(String, String, String)>,
 }
 
 impl ResourceDef {
@@ -39,6 +41,7 @@ impl ResourceDef {
             extra_fields: vec![],
             schema: None,
             raw_schema: None,
+            printer_columns: vec![],
         }
     }
 
@@ -107,6 +110,12 @@ impl ResourceDef {
             extra_fields: vec![],
             raw_schema: Some(schema.schema().clone()),
             schema: Some(Arc::new(schema)),
+            printer_columns: version
+                .additional_printer_columns
+                .iter()
+                .flatten()
+                .map(|c| (c.name.clone(), c.type_.clone(), c.json_path.clone()))
+                .collect(),
         }
     }
 }
@@ -225,4 +234,89 @@ pub fn discovery(defs: &[Arc<ResourceDef>], path: &str) -> Option<Value> {
             Some(resource_list(group, version))
         }
     }
+}
+
+/// Evaluates the JSONPath subset printer columns use: `.a.b.c`, and a filter
+/// `.a[?(@.k=="v")].b` on a list.
+pub fn json_path(obj: &Value, path: &str) -> Option<Value> {
+    let mut node = obj.clone();
+    let mut rest = path.trim_start_matches('.');
+    while !rest.is_empty() {
+        let end = rest.find(['.', '[']).unwrap_or(rest.len());
+        let (field, tail) = rest.split_at(end);
+        if !field.is_empty() {
+            node = node.get(field)?.clone();
+        }
+        rest = tail;
+        if let Some(filter) = rest.strip_prefix("[?(@.") {
+            let close = filter.find(")]")?;
+            let (cond, tail) = filter.split_at(close);
+            let (key, want) = cond.split_once("==")?;
+            let want = want.trim().trim_matches('"').trim_matches('\'');
+            node = node
+                .as_array()?
+                .iter()
+                .find(|i| i.get(key.trim()).and_then(Value::as_str) == Some(want))?
+                .clone();
+            rest = &tail[2..];
+        }
+        rest = rest.trim_start_matches('.');
+    }
+    Some(node)
+}
+
+/// How kubectl shows an age: `45s`, `12m`, `3h`, `5d`.
+pub fn human_age(timestamp: &str) -> String {
+    let Ok(then) = timestamp.parse::<jiff::Timestamp>() else {
+        return "<unknown>".into();
+    };
+    let secs = (jiff::Timestamp::now().as_second() - then.as_second()).max(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 3600 * 3 => format!("{}m", s / 60),
+        s if s < 86400 * 2 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+/// A `meta.k8s.io/v1` Table, as `kubectl get` asks for it.
+pub fn table(def: &ResourceDef, objects: &[&Value], resource_version: u64) -> Value {
+    let mut columns = vec![
+        json!({"name": "Name", "type": "string", "format": "name", "description": "Name", "priority": 0}),
+    ];
+    let printer: Vec<(String, String, String)> = if def.printer_columns.is_empty() {
+        vec![(
+            "Age".into(),
+            "date".into(),
+            ".metadata.creationTimestamp".into(),
+        )]
+    } else {
+        def.printer_columns.clone()
+    };
+    for (name, type_, _) in &printer {
+        let type_ = if type_ == "date" {
+            "string"
+        } else {
+            type_.as_str()
+        };
+        columns.push(
+            json!({"name": name, "type": type_, "format": "", "description": name, "priority": 0}),
+        );
+    }
+    let rows: Vec<Value> = objects
+        .iter()
+        .map(|o| {
+            let mut cells = vec![o.pointer("/metadata/name").cloned().unwrap_or(Value::Null)];
+            for (_, type_, path) in &printer {
+                let v = json_path(o, path);
+                cells.push(match (type_.as_str(), v) {
+                    ("date", Some(Value::String(t))) => Value::String(human_age(&t)),
+                    (_, Some(v)) => v,
+                    (_, None) => Value::Null,
+                });
+            }
+            json!({"cells": cells, "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": o.get("metadata").cloned().unwrap_or(json!({}))}})
+        })
+        .collect();
+    json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": resource_version.to_string()}, "columnDefinitions": columns, "rows": rows})
 }
