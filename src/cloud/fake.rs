@@ -78,6 +78,24 @@ impl Fault {
     }
 }
 
+/// A call about to take effect, as an observer sees it (invariant checks in tests).
+#[derive(Debug)]
+pub enum ObservedCall<'a> {
+    /// A launch into a pool that already holds `live_in_pool` non-terminated instances.
+    Launch {
+        request: &'a LaunchRequest,
+        live_in_pool: usize,
+    },
+    /// Start, stop or terminate of these instances (unknown ids are left out).
+    Act {
+        operation: Operation,
+        targets: Vec<Instance>,
+    },
+}
+
+/// Called synchronously, before the call takes effect; it must not block.
+pub type CallObserver = std::sync::Arc<dyn Fn(ObservedCall<'_>) + Send + Sync>;
+
 /// One call, as the log records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallRecord {
@@ -123,6 +141,7 @@ pub struct FakeCloud {
     config: Mutex<FakeCloudConfig>,
     state: Mutex<State>,
     epoch: (Instant, SystemTime),
+    observer: Mutex<Option<CallObserver>>,
 }
 
 impl FakeCloud {
@@ -131,6 +150,19 @@ impl FakeCloud {
             config: Mutex::new(config),
             state: Mutex::new(State::default()),
             epoch: (Instant::now(), SystemTime::now()),
+            observer: Mutex::new(None),
+        }
+    }
+
+    /// Installs an observer that sees every launch and instance action before it happens.
+    pub fn set_observer(&self, observer: CallObserver) {
+        *self.observer.lock().expect("observer lock") = Some(observer);
+    }
+
+    fn observe(&self, call: ObservedCall<'_>) {
+        let observer = self.observer.lock().expect("observer lock").clone();
+        if let Some(observer) = observer {
+            observer(call);
         }
     }
 
@@ -367,6 +399,15 @@ impl FakeCloud {
             Self::log(&mut state, op, ids.to_vec(), false);
             return BatchOutcome::all_failed(ids, &error);
         }
+        let targets = ids
+            .iter()
+            .filter_map(|id| state.instances.get(id))
+            .map(|i| i.instance.clone())
+            .collect();
+        self.observe(ObservedCall::Act {
+            operation: op,
+            targets,
+        });
         let now = Instant::now();
         let mut outcome = BatchOutcome::default();
         for id in ids {
@@ -493,6 +534,21 @@ impl CloudProvider for FakeCloud {
             Self::log(&mut state, Operation::RunInstances, vec![], false);
             outcome.errors.push(error);
             return outcome;
+        }
+        // A replayed ClientToken creates nothing, so only new launches are observed.
+        let token_prefix = format!("{}-", request.client_token);
+        let replay = state.tokens.keys().any(|t| t.starts_with(&token_prefix));
+        if !replay {
+            let pool = request.tags.get(tags::POOL);
+            let live_in_pool = state
+                .instances
+                .values()
+                .filter(|i| i.instance.state.is_live() && i.instance.tags.get(tags::POOL) == pool)
+                .count();
+            self.observe(ObservedCall::Launch {
+                request,
+                live_in_pool,
+            });
         }
         let split = spread_across_subnets(
             &request.spec.subnet_ids,

@@ -46,6 +46,8 @@ pub struct SimInstance {
 #[async_trait]
 pub trait InstanceSource: Send + Sync + 'static {
     async fn instances(&self) -> Vec<SimInstance>;
+    /// The OS powers the instance off (the seeds' user data ends with `poweroff`).
+    async fn power_off(&self, id: &str);
 }
 
 #[async_trait]
@@ -62,6 +64,10 @@ impl InstanceSource for FakeCloud {
                 instance_type: i.instance_type,
             })
             .collect()
+    }
+
+    async fn power_off(&self, id: &str) {
+        FakeCloud::power_off(self, id);
     }
 }
 
@@ -157,6 +163,10 @@ impl InstanceSource for Ec2Instances {
         }
         out
     }
+
+    async fn power_off(&self, id: &str) {
+        let _ = self.client.stop_instances().instance_ids(id).send().await;
+    }
 }
 
 /// Delays of the simulated node lifecycle.
@@ -172,6 +182,9 @@ pub struct KubeletOptions {
     pub pod_start_after: Duration,
     /// How often the simulator looks at the cloud and the cluster.
     pub tick: Duration,
+    /// Power the instance off this long after its node first became Ready, as the seeds'
+    /// bootstrap scripts do; only on an instance's first boot.
+    pub poweroff_after_ready: Option<Duration>,
 }
 
 impl Default for KubeletOptions {
@@ -182,6 +195,7 @@ impl Default for KubeletOptions {
             network_ready_after: Duration::from_millis(400),
             pod_start_after: Duration::from_millis(200),
             tick: Duration::from_millis(50),
+            poweroff_after_ready: None,
         }
     }
 }
@@ -238,6 +252,8 @@ fn capacity(instance_type: &str) -> (u32, u32, u32, u32) {
 struct Boot {
     running_since: Option<Instant>,
     registered: bool,
+    boots: u32,
+    powered_off: bool,
     pods_started: HashMap<String, Instant>,
 }
 
@@ -270,8 +286,20 @@ impl KubeletSim {
             let mut s = std::pin::pin!(pod_stream);
             while s.next().await.is_some() {}
         });
+        let (nodes, node_writer) = reflector::store::<Node>();
+        let node_stream = reflector(
+            node_writer,
+            watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+        )
+        .default_backoff()
+        .touched_objects();
+        let node_task = tokio::spawn(async move {
+            let mut s = std::pin::pin!(node_stream);
+            while s.next().await.is_some() {}
+        });
         let main = tokio::spawn(async move {
             pods.wait_until_ready().await.ok();
+            nodes.wait_until_ready().await.ok();
             let mut boots: HashMap<String, Boot> = HashMap::new();
             let mut last_lease = Instant::now() - Duration::from_secs(60);
             loop {
@@ -279,12 +307,21 @@ impl KubeletSim {
                 if renew {
                     last_lease = Instant::now();
                 }
-                sim_round(&client, source.as_ref(), &pods, &mut boots, &options, renew).await;
+                sim_round(
+                    &client,
+                    source.as_ref(),
+                    &nodes,
+                    &pods,
+                    &mut boots,
+                    &options,
+                    renew,
+                )
+                .await;
                 tokio::time::sleep(options.tick).await;
             }
         });
         KubeletSim {
-            tasks: vec![pod_task, main],
+            tasks: vec![pod_task, node_task, main],
         }
     }
 }
@@ -303,23 +340,29 @@ fn node_condition<'a>(node: &'a Node, type_: &str) -> Option<&'a str> {
         .map(|c| c.status.as_str())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn sim_round(
     client: &Client,
     source: &dyn InstanceSource,
+    node_store: &Store<Node>,
     pods: &Store<Pod>,
     boots: &mut HashMap<String, Boot>,
     options: &KubeletOptions,
     renew_leases: bool,
 ) {
     let nodes_api: Api<Node> = Api::all(client.clone());
-    let Ok(node_list) = nodes_api.list(&Default::default()).await else {
-        return;
-    };
-    let nodes: HashMap<String, Node> = node_list
-        .items
+    let nodes: HashMap<String, Arc<Node>> = node_store
+        .state()
         .into_iter()
         .map(|n| (n.name_any(), n))
         .collect();
+    // One pass over the pods per round, not one per node.
+    let mut pods_by_node: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
+    for pod in pods.state() {
+        if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
+            pods_by_node.entry(node).or_default().push(pod);
+        }
+    }
     let instances = source.instances().await;
     let live: BTreeSet<String> = instances
         .iter()
@@ -333,7 +376,10 @@ async fn sim_round(
         let node = nodes.get(name);
         match inst.state {
             InstanceState::Running => {
-                let since = *boot.running_since.get_or_insert_with(Instant::now);
+                let since = *boot.running_since.get_or_insert_with(|| {
+                    boot.boots += 1;
+                    Instant::now()
+                });
                 let up = since.elapsed();
                 if up < options.register_after {
                     continue;
@@ -375,7 +421,19 @@ async fn sim_round(
                     renew_lease(client, name).await;
                 }
                 if want_ready {
-                    run_pods(client, &nodes_api, node, pods, boot, options).await;
+                    let on_node = pods_by_node
+                        .get(name)
+                        .map(Vec::as_slice)
+                        .unwrap_or_default();
+                    run_pods(client, &nodes_api, node, on_node, boot, options).await;
+                    if let Some(after) = options.poweroff_after_ready
+                        && boot.boots == 1
+                        && !boot.powered_off
+                        && since_register >= options.ready_after + after
+                    {
+                        boot.powered_off = true;
+                        source.power_off(&inst.id).await;
+                    }
                 }
             }
             InstanceState::Pending => {}
@@ -506,7 +564,7 @@ async fn run_pods(
     client: &Client,
     nodes_api: &Api<Node>,
     node: &Node,
-    pods: &Store<Pod>,
+    pods: &[Arc<Pod>],
     boot: &mut Boot,
     options: &KubeletOptions,
 ) {
@@ -522,11 +580,7 @@ async fn run_pods(
         })
         .unwrap_or_default();
     let images_before = images.len();
-    for pod in pods
-        .state()
-        .iter()
-        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str()))
-    {
+    for pod in pods {
         let api: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
         let pod_name = pod.name_any();
         if pod.metadata.deletion_timestamp.is_some() {

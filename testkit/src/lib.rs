@@ -7,7 +7,9 @@
 pub mod apiserver;
 pub mod controllers;
 pub mod ec2_faults;
+pub mod harness;
 mod http;
+pub mod invariants;
 pub mod kubelet;
 pub mod moto;
 pub mod nodematch;

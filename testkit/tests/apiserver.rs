@@ -8,7 +8,7 @@ use k8s_openapi::api::{
     policy::v1::{Eviction, PodDisruptionBudget},
 };
 use kube::{
-    Api, Client,
+    Api, Client, ResourceExt,
     api::{DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams},
     runtime::{WatchStreamExt, reflector, watcher},
 };
@@ -593,4 +593,67 @@ async fn kubectl_works_against_the_embedded_server() {
         ])
     });
     assert!(ok && out.contains("unchanged"), "{out}");
+}
+
+#[tokio::test]
+async fn bookmarks_arrive_on_quiet_watches_and_json_patches_apply() {
+    use testkit::apiserver::ApiServerOptions;
+    let server = ApiServer::start_with(
+        &testkit::apiserver::repo_crds(),
+        ApiServerOptions {
+            bookmark_interval: Duration::from_millis(100),
+            ..Default::default()
+        },
+    )
+    .await;
+    let nodes: Api<Node> = Api::all(server.client());
+    let n = nodes
+        .create(&PostParams::default(), &node("quiet", json!({"a": "1"})))
+        .await
+        .unwrap();
+    let mut wp = kube::api::WatchParams::default().timeout(5);
+    wp.bookmarks = true;
+    let rv = n.metadata.resource_version.clone().unwrap();
+    let first = nodes
+        .watch(&wp, &rv)
+        .await
+        .unwrap()
+        .boxed()
+        .next()
+        .await
+        .unwrap()
+        .unwrap();
+    match first {
+        kube::api::WatchEvent::Bookmark(b) => assert!(
+            b.metadata.resource_version.parse::<u64>().unwrap() >= rv.parse::<u64>().unwrap()
+        ),
+        other => panic!("expected a bookmark, got {other:?}"),
+    }
+    let patch: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "add", "path": "/metadata/labels/b", "value": "2"},
+        {"op": "remove", "path": "/metadata/labels/a"},
+        {"op": "test", "path": "/metadata/name", "value": "quiet"}
+    ]))
+    .unwrap();
+    let patched = nodes
+        .patch("quiet", &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+        .unwrap();
+    assert_eq!(patched.labels().get("b").map(String::as_str), Some("2"));
+    assert!(!patched.labels().contains_key("a"));
+    let failing: json_patch::Patch =
+        serde_json::from_value(json!([{"op": "test", "path": "/metadata/name", "value": "other"}]))
+            .unwrap();
+    let err = nodes
+        .patch(
+            "quiet",
+            &PatchParams::default(),
+            &Patch::Json::<()>(failing),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 422),
+        "{err:?}"
+    );
 }

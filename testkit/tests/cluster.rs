@@ -419,6 +419,33 @@ async fn the_kubelet_simulator_walks_a_node_through_its_lifecycle() {
     .await;
     assert_eq!(images, ["llama:70b", "runner:2"]);
 
+    // A deleted pod is terminated gracefully and the kubelet confirms the deletion.
+    let server_pod = pod(
+        "server",
+        json!({"containers": [{"name": "c", "image": "server:1", "resources": {"requests": {"cpu": "100m"}}}]}),
+    );
+    pods.create(&PostParams::default(), &server_pod)
+        .await
+        .unwrap();
+    eventually("the server running", Duration::from_secs(10), || async {
+        (pods.get("server").await.unwrap().status?.phase.as_deref() == Some("Running"))
+            .then_some(())
+    })
+    .await;
+    pods.delete("server", &Default::default()).await.unwrap();
+    eventually(
+        "the deletion confirmed",
+        Duration::from_secs(10),
+        || async {
+            pods.get_opt("server")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+
     // Stop: the node stays, Ready=Unknown. Start: Ready again, taints not re-added.
     cloud.stop_instances(std::slice::from_ref(&inst.id)).await;
     eventually(
@@ -462,4 +489,154 @@ async fn the_kubelet_simulator_walks_a_node_through_its_lifecycle() {
         || async { nodes.get_opt(&name).await.unwrap().is_none().then_some(()) },
     )
     .await;
+}
+
+/// On the EC2 path the kubelet reads the instances from the emulator and takes labels and
+/// taints from the user data, as with FakeCloud.
+#[tokio::test]
+async fn the_kubelet_simulator_plays_the_nodes_of_an_ec2_emulator() {
+    use aws_sdk_ec2::config::Credentials;
+    use stratos::{
+        cloud::{
+            ec2::{Ec2Cloud, RetryPolicy},
+            ratelimit::Limits,
+        },
+        metrics::CloudApiMetrics,
+    };
+    use testkit::{kubelet::Ec2Instances, moto::Moto};
+
+    let Some(moto) = Moto::start() else { return };
+    moto.create_instance_profile("node-role");
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(moto.endpoint())
+        .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
+        .load()
+        .await;
+    let raw = aws_sdk_ec2::Client::new(&sdk);
+    let vpc = raw
+        .create_vpc()
+        .cidr_block("10.0.0.0/16")
+        .send()
+        .await
+        .unwrap();
+    let subnet = raw
+        .create_subnet()
+        .vpc_id(vpc.vpc().unwrap().vpc_id().unwrap())
+        .cidr_block("10.0.1.0/24")
+        .availability_zone("us-east-1b")
+        .send()
+        .await
+        .unwrap();
+    let ami = raw
+        .describe_images()
+        .owners("amazon")
+        .send()
+        .await
+        .unwrap()
+        .images()[0]
+        .image_id()
+        .unwrap()
+        .to_owned();
+    let cloud = Ec2Cloud::new(
+        &sdk,
+        "e2e",
+        Limits::default(),
+        RetryPolicy::default(),
+        Arc::new(CloudApiMetrics::detached()),
+    );
+    let mut request = launch_request(
+        "#!/bin/bash\n/etc/eks/bootstrap.sh c --kubelet-extra-args '--register-with-taints=node.eks.amazonaws.com/not-ready=true:NoSchedule --node-labels=stratos.sh/pool=workers'\n",
+    );
+    request.spec.ami = ami;
+    request.spec.subnet_ids = vec![subnet.subnet().unwrap().subnet_id().unwrap().to_owned()];
+    request.spec.security_group_ids = vec![];
+    let out = cloud.launch(&request).await;
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    let inst = out.instances[0].clone();
+
+    let server = ApiServer::start_with_repo_crds().await;
+    let client = server.client();
+    let _kubelet = KubeletSim::start(
+        client.clone(),
+        Arc::new(Ec2Instances::new(raw.clone())),
+        KubeletOptions::default(),
+    );
+    let nodes: Api<Node> = Api::all(client.clone());
+    let name = inst.private_dns_name.clone().unwrap();
+    let node = eventually(
+        "the node of the moto instance",
+        Duration::from_secs(15),
+        || async { nodes.get_opt(&name).await.unwrap() },
+    )
+    .await;
+    assert_eq!(
+        node.spec.as_ref().unwrap().provider_id.as_deref(),
+        Some(format!("aws:///us-east-1b/{}", inst.id).as_str())
+    );
+    assert_eq!(
+        node.labels().get("stratos.sh/pool").map(String::as_str),
+        Some("workers")
+    );
+    assert_eq!(
+        node.spec.unwrap().taints.unwrap()[0].key,
+        "node.eks.amazonaws.com/not-ready"
+    );
+
+    raw.terminate_instances()
+        .instance_ids(&inst.id)
+        .send()
+        .await
+        .unwrap();
+    eventually(
+        "the node deleted after termination",
+        Duration::from_secs(15),
+        || async { nodes.get_opt(&name).await.unwrap().is_none().then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn instances_can_power_themselves_off_after_their_first_boot() {
+    let server = ApiServer::start_with_repo_crds().await;
+    let client = server.client();
+    let cloud = Arc::new(FakeCloud::new(FakeCloudConfig {
+        pending_to_running: Duration::from_millis(100),
+        stopping_to_stopped: Duration::from_millis(100),
+        ..Default::default()
+    }));
+    cloud.add_subnet("subnet-12345678", "us-east-1a");
+    let options = KubeletOptions {
+        poweroff_after_ready: Some(Duration::from_millis(300)),
+        ..Default::default()
+    };
+    let _kubelet = KubeletSim::start(client.clone(), cloud.clone(), options);
+    let inst = cloud
+        .launch(&launch_request("#!/bin/bash\npoweroff\n"))
+        .await
+        .instances
+        .remove(0);
+    let nodes: Api<Node> = Api::all(client.clone());
+    let name = inst.private_dns_name.clone().unwrap();
+    eventually(
+        "stopped by itself after registering",
+        Duration::from_secs(10),
+        || async {
+            let stopped = cloud.instance(&inst.id)?.state == InstanceState::Stopped;
+            (stopped && nodes.get_opt(&name).await.unwrap().is_some()).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        cloud.call_count(stratos::cloud::ratelimit::Operation::StopInstances),
+        0,
+        "the OS, not the API, stopped it"
+    );
+    // The second boot stays up.
+    cloud.start_instances(std::slice::from_ref(&inst.id)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        cloud.instance(&inst.id).unwrap().state,
+        InstanceState::Running
+    );
 }

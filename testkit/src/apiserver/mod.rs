@@ -56,7 +56,17 @@ impl Default for ApiServerOptions {
     }
 }
 
+/// One request, as the audit log records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub code: u16,
+}
+
 struct Shared {
+    audit: Mutex<Vec<AuditEntry>>,
     defs: Vec<Arc<ResourceDef>>,
     store: Mutex<Store>,
     changes: broadcast::Sender<Arc<Change>>,
@@ -88,6 +98,7 @@ impl ApiServer {
         let (changes, _) = broadcast::channel(65_536);
         let (close_watches, _) = tokio::sync::watch::channel(0);
         let shared = Arc::new(Shared {
+            audit: Mutex::new(Vec::new()),
             defs,
             store: Mutex::new(Store::new(options.history_limit)),
             changes,
@@ -120,9 +131,22 @@ impl ApiServer {
                 };
                 let shared = served.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| {
+                    let service = service_fn(move |req: Request<Incoming>| {
                         let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(handle(shared, req).await) }
+                        let method = req.method().to_string();
+                        let path = req.uri().path().to_owned();
+                        let query = req.uri().query().unwrap_or("").to_owned();
+                        async move {
+                            let response = handle(shared.clone(), req).await;
+                            let code = response.status().as_u16();
+                            shared.audit.lock().unwrap().push(AuditEntry {
+                                method,
+                                path,
+                                query,
+                                code,
+                            });
+                            Ok::<_, Infallible>(response)
+                        }
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -203,6 +227,11 @@ impl ApiServer {
 
     pub fn resource_version(&self) -> u64 {
         self.shared.store.lock().unwrap().resource_version()
+    }
+
+    /// Every request served so far.
+    pub fn audit(&self) -> Vec<AuditEntry> {
+        self.shared.audit.lock().unwrap().clone()
     }
 }
 

@@ -1,0 +1,233 @@
+//! Checks of SPEC §11's invariants while a test runs.
+//!
+//! Every FakeCloud call is observed *before* it takes effect, against reflector caches of
+//! the cluster's NodePools, Nodes and Pods:
+//!
+//! - I1: a launch never takes a pool above its `poolSize`;
+//! - I2: no start, stop or terminate of an instance without this cluster's tag and a pool
+//!   tag (and no node of such an instance is cordoned, see [`Invariants::foreign_node`]);
+//! - I3: no stop of an instance whose node runs a pod that is not a DaemonSet pod, not a
+//!   mirror pod, not finished, and not being deleted (an evicted pod is being deleted).
+//!
+//! Violations are collected; [`Invariants::assert_held`] fails the test with all of them.
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex},
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::{
+    Api, Client, ResourceExt,
+    runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
+};
+use stratos::{
+    api::NodePool,
+    cloud::{
+        fake::{FakeCloud, ObservedCall},
+        ratelimit::Operation,
+        tags,
+    },
+};
+use tokio::task::JoinHandle;
+
+pub struct Invariants {
+    violations: Arc<Mutex<Vec<String>>>,
+    tasks: Vec<JoinHandle<()>>,
+    nodes: Store<Node>,
+    pools: Store<NodePool>,
+    foreign: Arc<Mutex<BTreeSet<String>>>,
+}
+
+impl Drop for Invariants {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn store<K>(api: Api<K>) -> (Store<K>, JoinHandle<()>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    let task = tokio::spawn(async move {
+        let mut s = std::pin::pin!(stream);
+        while s.next().await.is_some() {}
+    });
+    (reader, task)
+}
+
+/// Pods that a drain must have evicted before the node's instance may stop.
+pub fn blocks_stop(pod: &Pod) -> bool {
+    let daemonset = pod
+        .owner_references()
+        .iter()
+        .any(|o| o.kind == "DaemonSet" && o.controller == Some(true));
+    let mirror = pod
+        .annotations()
+        .contains_key("kubernetes.io/config.mirror");
+    let finished = matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    );
+    !daemonset && !mirror && !finished && pod.metadata.deletion_timestamp.is_none()
+}
+
+impl Invariants {
+    pub async fn start(client: Client, cloud: &FakeCloud, cluster: &str) -> Invariants {
+        let (pools, t1) = store(Api::<NodePool>::all(client.clone()));
+        let (nodes, t2) = store(Api::<Node>::all(client.clone()));
+        let (pods, t3) = store(Api::<Pod>::all(client.clone()));
+        let _ = tokio::join!(
+            pools.wait_until_ready(),
+            nodes.wait_until_ready(),
+            pods.wait_until_ready()
+        );
+        let violations: Arc<Mutex<Vec<String>>> = Arc::default();
+        let cluster = cluster.to_owned();
+        let (v, node_store, pool_store) = (violations.clone(), nodes.clone(), pools.clone());
+        cloud.set_observer(Arc::new(move |call| {
+            let mut found = Vec::new();
+            match call {
+                ObservedCall::Launch { request, live_in_pool } => {
+                    let pool = request.tags.get(tags::POOL).cloned().unwrap_or_default();
+                    if request.tags.get(tags::CLUSTER) != Some(&cluster) {
+                        found.push(format!("I2: launch without this cluster's tag: {:?}", request.tags));
+                    }
+                    match pool_store.state().iter().find(|p| p.name_any() == pool) {
+                        Some(p) => {
+                            let cap = p.spec.pool_size.max(0) as usize;
+                            if live_in_pool + request.count > cap {
+                                found.push(format!(
+                                    "I1: launch of {} into pool {pool} holding {live_in_pool} exceeds poolSize {cap}",
+                                    request.count
+                                ));
+                            }
+                        }
+                        None => found.push(format!("I1: launch into pool {pool:?}, which does not exist")),
+                    }
+                }
+                ObservedCall::Act { operation, targets } => {
+                    for inst in &targets {
+                        let owned = inst.tag(tags::CLUSTER) == Some(cluster.as_str()) && inst.tag(tags::POOL).is_some();
+                        if !owned {
+                            found.push(format!("I2: {} on {} which Stratos does not own (tags {:?})", operation.as_str(), inst.id, inst.tags));
+                        }
+                        if operation == Operation::StopInstances {
+                            let provider_id = inst.provider_id();
+                            let node = node_store
+                                .state()
+                                .into_iter()
+                                .find(|n| n.spec.as_ref().and_then(|s| s.provider_id.as_deref()) == Some(provider_id.as_str()));
+                            if let Some(node) = node {
+                                let name = node.name_any();
+                                for pod in pods.state() {
+                                    let on_node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str());
+                                    if on_node && blocks_stop(&pod) {
+                                        found.push(format!(
+                                            "I3: stopping {} while its node {name} runs {}/{} (not evicted)",
+                                            inst.id,
+                                            pod.namespace().unwrap_or_default(),
+                                            pod.name_any()
+                                        ));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if !found.is_empty() {
+                v.lock().unwrap().extend(found);
+            }
+        }));
+        let foreign: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+        let (v, watched, foreign_nodes) = (violations.clone(), nodes.clone(), foreign.clone());
+        let t4 = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                let names = foreign_nodes.lock().unwrap().clone();
+                for node in watched
+                    .state()
+                    .iter()
+                    .filter(|n| names.contains(&n.name_any()))
+                {
+                    let cordoned = node
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.unschedulable)
+                        .unwrap_or(false);
+                    if cordoned {
+                        let msg = format!(
+                            "I2: node {} which Stratos does not own was cordoned",
+                            node.name_any()
+                        );
+                        let mut v = v.lock().unwrap();
+                        if !v.contains(&msg) {
+                            v.push(msg);
+                        }
+                    }
+                }
+            }
+        });
+        Invariants {
+            violations,
+            tasks: vec![t1, t2, t3, t4],
+            nodes,
+            pools,
+            foreign,
+        }
+    }
+
+    /// Waits until the checks see `generation` (or later) of a NodePool, so a test's own
+    /// writes are never judged against a stale spec.
+    pub async fn wait_for_pool(&self, name: &str, generation: i64) {
+        for _ in 0..200 {
+            let seen =
+                self.pools.state().iter().any(|p| {
+                    p.name_any() == name && p.metadata.generation.unwrap_or(0) >= generation
+                });
+            if seen {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the invariant checks never saw NodePool {name} generation {generation}");
+    }
+
+    /// Marks a node as not Stratos'; cordoning it is an I2 violation.
+    pub fn foreign_node(&self, name: &str) {
+        self.foreign.lock().unwrap().insert(name.to_owned());
+    }
+
+    pub fn violations(&self) -> Vec<String> {
+        self.violations.lock().unwrap().clone()
+    }
+
+    /// Fails with every violation seen so far.
+    pub fn assert_held(&self) {
+        let v = self.violations();
+        assert!(
+            v.is_empty(),
+            "SPEC §11 invariants violated:\n  {}",
+            v.join("\n  ")
+        );
+    }
+
+    /// The cached nodes (for diagnostics).
+    pub fn nodes(&self) -> Vec<Arc<Node>> {
+        self.nodes.state()
+    }
+}
