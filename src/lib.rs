@@ -7,5 +7,6 @@ pub mod api;
 pub mod cloud;
 pub mod config;
 pub mod metrics;
+pub mod pool;
 pub mod preflight;
 pub mod telemetry;

@@ -1,0 +1,791 @@
+//! Lifecycle decisions for one pool (SPEC §5.1–§5.3, §5.7): warmup completion and failure,
+//! replenishment, trimming, drift, deletion. A pure function of a [`PoolSnapshot`].
+
+use std::{collections::BTreeMap, time::Duration, time::SystemTime};
+
+use super::{
+    launch_token,
+    state::{Member, NodeState, Phase, PrePull},
+};
+use crate::api::nodepool::TimeoutAction;
+
+/// The parts of a NodePool the planner reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolView {
+    pub name: String,
+    pub uid: String,
+    pub pool_size: usize,
+    pub min_standby: usize,
+    pub warmup_timeout: Duration,
+    pub timeout_action: TimeoutAction,
+    /// The pool is being deleted.
+    pub deleting: bool,
+}
+
+/// The pool's node class, when it exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassView {
+    pub hash: String,
+    /// Its AMI, subnets and security groups were found.
+    pub ready: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSnapshot {
+    pub pool: PoolView,
+    pub class: Option<ClassView>,
+    pub members: Vec<Member>,
+    pub now: SystemTime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StandbyReason {
+    WarmupComplete,
+    SelfStopped,
+    WarmupTimeout,
+    StoppedBeforeRegistering,
+    /// A stop into standby was interrupted; finish it.
+    Resume,
+    StoppedUnexpectedly,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TerminateReason {
+    WarmupTimeout,
+    StoppedBeforeRegistering,
+    /// `poolSize` was lowered below the pool's size.
+    Trim,
+    /// Launched from an older node class.
+    Drift,
+    PoolDeleted,
+}
+
+impl TerminateReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::WarmupTimeout => "WarmupTimeout",
+            Self::StoppedBeforeRegistering => "StoppedBeforeRegistering",
+            Self::Trim => "Trim",
+            Self::Drift => "Drift",
+            Self::PoolDeleted => "PoolDeleted",
+        }
+    }
+
+    /// A failed warmup (counted in the warmup-results metric and a Warning event).
+    pub fn is_warmup_failure(&self) -> bool {
+        matches!(self, Self::WarmupTimeout | Self::StoppedBeforeRegistering)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Launch instances in one batch.
+    Launch {
+        count: usize,
+        token: String,
+        existing_per_subnet: BTreeMap<String, usize>,
+    },
+    /// Create the image pre-pull pod on a warming node.
+    CreatePrePullPod { node: String },
+    /// Into standby: cordon, standby taint, startup taints back, label and tag `standby`,
+    /// and stop the instance if it still runs.
+    EnterStandby {
+        instance: String,
+        node: Option<String>,
+        reason: StandbyReason,
+    },
+    /// Evict a node's workload before the pool's deletion terminates it.
+    Drain { instance: String, node: String },
+    /// Terminate the instance and delete its Node.
+    Terminate {
+        instance: String,
+        node: Option<String>,
+        reason: TerminateReason,
+    },
+}
+
+/// Members by lifecycle state, for status and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub warmup: usize,
+    pub standby: usize,
+    pub starting: usize,
+    pub running: usize,
+    pub draining: usize,
+    pub total: usize,
+}
+
+impl Counts {
+    pub fn of(members: &[Member]) -> Self {
+        let mut c = Counts::default();
+        for m in members {
+            match m.phase().counted_as() {
+                Some(NodeState::Warmup) => c.warmup += 1,
+                Some(NodeState::Standby) => c.standby += 1,
+                Some(NodeState::Starting) => c.starting += 1,
+                Some(NodeState::Running) => c.running += 1,
+                Some(NodeState::Draining) => c.draining += 1,
+                None => continue,
+            }
+            c.total += 1;
+        }
+        c
+    }
+
+    pub fn get(&self, state: NodeState) -> usize {
+        match state {
+            NodeState::Warmup => self.warmup,
+            NodeState::Standby => self.standby,
+            NodeState::Starting => self.starting,
+            NodeState::Running => self.running,
+            NodeState::Draining => self.draining,
+        }
+    }
+}
+
+/// Why the pool cannot do its job right now, for the Degraded condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    NodeClassNotFound,
+    NodeClassNotReady,
+    /// Pre-pull pods failed on these nodes (warmup fails at the deadline).
+    PrePullFailed(Vec<String>),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    pub counts: Counts,
+    pub problems: Vec<Problem>,
+}
+
+fn launched_at(m: &Member) -> Option<SystemTime> {
+    m.instance.launch_time
+}
+
+fn timed_out(m: &Member, snap: &PoolSnapshot) -> bool {
+    launched_at(m)
+        .and_then(|t| snap.now.duration_since(t).ok())
+        .is_some_and(|age| age > snap.pool.warmup_timeout)
+}
+
+fn terminate(m: &Member, reason: TerminateReason) -> Action {
+    Action::Terminate {
+        instance: m.id().into(),
+        node: m.node_name().map(Into::into),
+        reason,
+    }
+}
+
+/// Decides what a pool needs now.
+pub fn plan_pool(snap: &PoolSnapshot) -> Plan {
+    let mut plan = Plan {
+        counts: Counts::of(&snap.members),
+        ..Default::default()
+    };
+    let live: Vec<&Member> = snap
+        .members
+        .iter()
+        .filter(|m| m.phase() != Phase::Gone)
+        .collect();
+
+    if snap.pool.deleting {
+        for m in &live {
+            let busy = m.node.as_ref().is_some_and(|n| n.workload_pods > 0);
+            match (m.phase(), m.node_name()) {
+                (Phase::Running | Phase::Starting | Phase::Draining, Some(node)) if busy => {
+                    plan.actions.push(Action::Drain {
+                        instance: m.id().into(),
+                        node: node.into(),
+                    })
+                }
+                _ => plan.actions.push(Action::Terminate {
+                    instance: m.id().into(),
+                    node: m.node_name().map(Into::into),
+                    reason: TerminateReason::PoolDeleted,
+                }),
+            }
+        }
+        return plan;
+    }
+
+    match &snap.class {
+        None => plan.problems.push(Problem::NodeClassNotFound),
+        Some(c) if !c.ready => plan.problems.push(Problem::NodeClassNotReady),
+        Some(_) => {}
+    }
+    let current_hash = snap.class.as_ref().map(|c| c.hash.as_str());
+    let drifted = |m: &Member| current_hash.is_some_and(|h| m.nodeclass_hash() != Some(h));
+    let mut terminating: Vec<&str> = Vec::new();
+    let mut failed_prepull = Vec::new();
+
+    // Warmup completion and failure; interrupted transitions.
+    for m in &live {
+        let standby = |reason| Action::EnterStandby {
+            instance: m.id().into(),
+            node: m.node_name().map(Into::into),
+            reason,
+        };
+        match m.phase() {
+            Phase::WarmReady => plan.actions.push(standby(StandbyReason::WarmupComplete)),
+            Phase::SelfStopped => plan.actions.push(standby(StandbyReason::SelfStopped)),
+            Phase::StandbyButRunning => plan.actions.push(standby(StandbyReason::Resume)),
+            Phase::StoppedUnexpectedly => plan
+                .actions
+                .push(standby(StandbyReason::StoppedUnexpectedly)),
+            Phase::StoppedWithoutNode => match snap.pool.timeout_action {
+                TimeoutAction::Terminate => {
+                    terminating.push(m.id());
+                    plan.actions
+                        .push(terminate(m, TerminateReason::StoppedBeforeRegistering));
+                }
+                TimeoutAction::Stop => plan
+                    .actions
+                    .push(standby(StandbyReason::StoppedBeforeRegistering)),
+            },
+            Phase::Warming if timed_out(m, snap) => match snap.pool.timeout_action {
+                TimeoutAction::Terminate => {
+                    terminating.push(m.id());
+                    plan.actions
+                        .push(terminate(m, TerminateReason::WarmupTimeout));
+                }
+                TimeoutAction::Stop => plan.actions.push(standby(StandbyReason::WarmupTimeout)),
+            },
+            Phase::Warming => {
+                if let Some(node) = &m.node {
+                    match node.prepull {
+                        PrePull::Missing => plan.actions.push(Action::CreatePrePullPod {
+                            node: node.name.clone(),
+                        }),
+                        PrePull::Failed => failed_prepull.push(node.name.clone()),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if !failed_prepull.is_empty() {
+        plan.problems.push(Problem::PrePullFailed(failed_prepull));
+    }
+
+    // Drift: stopped standby nodes from an older class are replaced.
+    for m in &live {
+        if m.phase() == Phase::Standby && drifted(m) && !terminating.contains(&m.id()) {
+            terminating.push(m.id());
+            plan.actions.push(terminate(m, TerminateReason::Drift));
+        }
+    }
+
+    // Trim to poolSize: standby first, then warming; never nodes that serve or may serve pods.
+    let remaining: Vec<&&Member> = live
+        .iter()
+        .filter(|m| !terminating.contains(&m.id()))
+        .collect();
+    if remaining.len() > snap.pool.pool_size {
+        let excess = remaining.len() - snap.pool.pool_size;
+        let mut candidates: Vec<&&Member> = remaining
+            .iter()
+            .copied()
+            .filter(|m| {
+                matches!(
+                    m.phase(),
+                    Phase::Standby
+                        | Phase::Warming
+                        | Phase::StoppedWithoutNode
+                        | Phase::SelfStopped
+                )
+            })
+            .collect();
+        // Standby before warming; older launches first; ids break ties.
+        candidates.sort_by_key(|m| {
+            (
+                m.phase() != Phase::Standby,
+                launched_at(m),
+                m.id().to_owned(),
+            )
+        });
+        for m in candidates.into_iter().take(excess) {
+            terminating.push(m.id());
+            plan.actions.push(terminate(m, TerminateReason::Trim));
+        }
+    }
+
+    // Replenish: keep standby + warmup (of the current class) at minStandby, within poolSize.
+    if let Some(class) = snap.class.as_ref().filter(|c| c.ready) {
+        let kept: Vec<&&Member> = live
+            .iter()
+            .filter(|m| !terminating.contains(&m.id()))
+            .collect();
+        let available = kept
+            .iter()
+            .filter(|m| !drifted(m))
+            .filter(|m| {
+                matches!(
+                    m.phase(),
+                    Phase::Warming
+                        | Phase::WarmReady
+                        | Phase::SelfStopped
+                        | Phase::Standby
+                        | Phase::StandbyButRunning
+                        | Phase::StoppedWithoutNode
+                        | Phase::StoppedUnexpectedly
+                )
+            })
+            .count();
+        let need = snap.pool.min_standby.saturating_sub(available);
+        let room = snap.pool.pool_size.saturating_sub(kept.len());
+        let count = need.min(room);
+        if count > 0 {
+            let live_ids: Vec<String> = live.iter().map(|m| m.id().to_owned()).collect();
+            let mut existing_per_subnet = BTreeMap::new();
+            for m in &kept {
+                *existing_per_subnet
+                    .entry(m.instance.subnet_id.clone())
+                    .or_insert(0) += 1;
+            }
+            plan.actions.push(Action::Launch {
+                count,
+                token: launch_token(&snap.pool.uid, &class.hash, &live_ids, count),
+                existing_per_subnet,
+            });
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        cloud::{Instance, InstanceState, tags},
+        pool::state::NodeView,
+    };
+
+    const NOW_SECS: u64 = 1_800_000_000;
+
+    fn at(secs_ago: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(NOW_SECS - secs_ago)
+    }
+
+    fn instance(id: &str, state: InstanceState, tag_state: &str, hash: &str, age: u64) -> Instance {
+        Instance {
+            id: id.into(),
+            state,
+            instance_type: "m5.large".into(),
+            zone: "us-east-1a".into(),
+            subnet_id: "subnet-1".into(),
+            private_dns_name: Some(format!("ip-{id}")),
+            private_ip: None,
+            launch_time: Some(at(age)),
+            tags: [
+                (tags::STATE, tag_state),
+                (tags::NODECLASS_HASH, hash),
+                (tags::POOL, "p"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        }
+    }
+
+    fn node(
+        id: &str,
+        label: Option<NodeState>,
+        ready: bool,
+        ds: (usize, usize),
+        prepull: PrePull,
+    ) -> NodeView {
+        NodeView {
+            name: format!("ip-{id}"),
+            created: Some(at(60)),
+            ready,
+            network_ready: ready,
+            state_label: label,
+            daemonsets_expected: ds.0,
+            daemonset_pods_ready: ds.1,
+            prepull,
+            workload_pods: 0,
+        }
+    }
+
+    fn member(inst: Instance, node: Option<NodeView>) -> Member {
+        Member {
+            instance: inst,
+            node,
+        }
+    }
+
+    use InstanceState::{Pending, Running, ShuttingDown, Stopped};
+    use NodeState::{Running as RunningLabel, Standby as StandbyLabel, Warmup as WarmupLabel};
+
+    fn warming(id: &str, age: u64) -> Member {
+        member(instance(id, Running, "warmup", "h1", age), None)
+    }
+    fn standby(id: &str, hash: &str) -> Member {
+        member(
+            instance(id, Stopped, "standby", hash, 3600),
+            Some(node(
+                id,
+                Some(StandbyLabel),
+                false,
+                (1, 0),
+                PrePull::NotNeeded,
+            )),
+        )
+    }
+    fn running(id: &str) -> Member {
+        member(
+            instance(id, Running, "running", "h1", 3600),
+            Some(node(
+                id,
+                Some(RunningLabel),
+                true,
+                (1, 1),
+                PrePull::NotNeeded,
+            )),
+        )
+    }
+
+    fn snapshot(members: Vec<Member>, pool_size: usize, min_standby: usize) -> PoolSnapshot {
+        PoolSnapshot {
+            pool: PoolView {
+                name: "p".into(),
+                uid: "uid-1".into(),
+                pool_size,
+                min_standby,
+                warmup_timeout: Duration::from_secs(900),
+                timeout_action: TimeoutAction::Terminate,
+                deleting: false,
+            },
+            class: Some(ClassView {
+                hash: "h1".into(),
+                ready: true,
+            }),
+            members,
+            now: at(0),
+        }
+    }
+
+    fn summary(plan: &Plan) -> Vec<String> {
+        plan.actions
+            .iter()
+            .map(|a| match a {
+                Action::Launch { count, .. } => format!("launch {count}"),
+                Action::CreatePrePullPod { node } => format!("prepull {node}"),
+                Action::EnterStandby {
+                    instance, reason, ..
+                } => format!("standby {instance} {reason:?}"),
+                Action::Drain { instance, .. } => format!("drain {instance}"),
+                Action::Terminate {
+                    instance, reason, ..
+                } => format!("terminate {instance} {}", reason.as_str()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lifecycle_decisions() {
+        let with_action = |mut s: PoolSnapshot, action: TimeoutAction| {
+            s.pool.timeout_action = action;
+            s
+        };
+        let cases: Vec<(&str, PoolSnapshot, Vec<&str>)> = vec![
+            (
+                "an empty pool fills to minStandby",
+                snapshot(vec![], 10, 3),
+                vec!["launch 3"],
+            ),
+            (
+                "warming nodes count toward minStandby",
+                snapshot(vec![warming("a", 10), warming("b", 10)], 10, 3),
+                vec!["launch 1"],
+            ),
+            (
+                "launches stay within poolSize",
+                snapshot(vec![running("a"), running("b")], 3, 3),
+                vec!["launch 1"],
+            ),
+            (
+                "a full pool launches nothing",
+                snapshot(vec![running("a"), running("b"), running("c")], 3, 3),
+                vec![],
+            ),
+            (
+                "ready but DaemonSet pods not ready: still warming",
+                snapshot(
+                    vec![member(
+                        instance("a", Running, "warmup", "h1", 60),
+                        Some(node(
+                            "a",
+                            Some(WarmupLabel),
+                            true,
+                            (2, 1),
+                            PrePull::NotNeeded,
+                        )),
+                    )],
+                    10,
+                    1,
+                ),
+                vec![],
+            ),
+            (
+                "ready, network and DaemonSets ready: into standby",
+                snapshot(
+                    vec![member(
+                        instance("a", Running, "warmup", "h1", 60),
+                        Some(node(
+                            "a",
+                            Some(WarmupLabel),
+                            true,
+                            (2, 2),
+                            PrePull::NotNeeded,
+                        )),
+                    )],
+                    10,
+                    1,
+                ),
+                vec!["standby a WarmupComplete"],
+            ),
+            (
+                "images to pull: the pre-pull pod is created",
+                snapshot(
+                    vec![member(
+                        instance("a", Running, "warmup", "h1", 60),
+                        Some(node("a", None, true, (0, 0), PrePull::Missing)),
+                    )],
+                    10,
+                    1,
+                ),
+                vec!["prepull ip-a"],
+            ),
+            (
+                "pre-pull still running: not warm",
+                snapshot(
+                    vec![member(
+                        instance("a", Running, "warmup", "h1", 60),
+                        Some(node("a", None, true, (0, 0), PrePull::Pending)),
+                    )],
+                    10,
+                    1,
+                ),
+                vec![],
+            ),
+            (
+                "self-stop after the node registered completes warmup",
+                snapshot(
+                    vec![member(
+                        instance("a", Stopped, "warmup", "h1", 60),
+                        Some(node(
+                            "a",
+                            Some(WarmupLabel),
+                            false,
+                            (1, 0),
+                            PrePull::NotNeeded,
+                        )),
+                    )],
+                    10,
+                    1,
+                ),
+                vec!["standby a SelfStopped"],
+            ),
+            (
+                "self-stop without a node is a failed warmup",
+                snapshot(
+                    vec![member(instance("a", Stopped, "warmup", "h1", 60), None)],
+                    10,
+                    1,
+                ),
+                vec!["terminate a StoppedBeforeRegistering", "launch 1"],
+            ),
+            (
+                "... or, with timeoutAction stop, standby",
+                with_action(
+                    snapshot(
+                        vec![member(instance("a", Stopped, "warmup", "h1", 60), None)],
+                        10,
+                        1,
+                    ),
+                    TimeoutAction::Stop,
+                ),
+                vec!["standby a StoppedBeforeRegistering"],
+            ),
+            (
+                "a missed warmup deadline terminates",
+                snapshot(vec![warming("a", 1000)], 10, 1),
+                vec!["terminate a WarmupTimeout", "launch 1"],
+            ),
+            (
+                "... or stops into standby",
+                with_action(
+                    snapshot(vec![warming("a", 1000)], 10, 1),
+                    TimeoutAction::Stop,
+                ),
+                vec!["standby a WarmupTimeout"],
+            ),
+            (
+                "an interrupted stop into standby resumes",
+                snapshot(
+                    vec![member(
+                        instance("a", Running, "standby", "h1", 60),
+                        Some(node(
+                            "a",
+                            Some(StandbyLabel),
+                            true,
+                            (0, 0),
+                            PrePull::NotNeeded,
+                        )),
+                    )],
+                    10,
+                    1,
+                ),
+                vec!["standby a Resume"],
+            ),
+            (
+                "poolSize lowered below running: standby goes, running stays",
+                snapshot(
+                    vec![
+                        running("a"),
+                        running("b"),
+                        standby("c", "h1"),
+                        standby("d", "h1"),
+                    ],
+                    2,
+                    1,
+                ),
+                vec!["terminate c Trim", "terminate d Trim"],
+            ),
+            (
+                "trim prefers standby over warming",
+                snapshot(
+                    vec![warming("a", 10), standby("b", "h1"), standby("c", "h1")],
+                    2,
+                    2,
+                ),
+                vec!["terminate b Trim"],
+            ),
+            (
+                "drift replaces standby nodes",
+                snapshot(vec![standby("a", "h0"), standby("b", "h1")], 10, 2),
+                vec!["terminate a Drift", "launch 1"],
+            ),
+            (
+                "drift leaves running nodes alone",
+                snapshot(
+                    vec![member(
+                        instance("a", Running, "running", "h0", 60),
+                        Some(node(
+                            "a",
+                            Some(RunningLabel),
+                            true,
+                            (0, 0),
+                            PrePull::NotNeeded,
+                        )),
+                    )],
+                    10,
+                    0,
+                ),
+                vec![],
+            ),
+            (
+                "terminated instances do not count",
+                snapshot(
+                    vec![member(
+                        instance("a", ShuttingDown, "standby", "h1", 60),
+                        None,
+                    )],
+                    1,
+                    1,
+                ),
+                vec!["launch 1"],
+            ),
+            (
+                "pending instances count",
+                snapshot(
+                    vec![member(instance("a", Pending, "warmup", "h1", 5), None)],
+                    1,
+                    1,
+                ),
+                vec![],
+            ),
+        ];
+        for (what, snap, expected) in cases {
+            assert_eq!(summary(&plan_pool(&snap)), expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn nothing_launches_without_a_ready_class() {
+        let mut snap = snapshot(vec![], 10, 3);
+        snap.class = None;
+        let plan = plan_pool(&snap);
+        assert!(plan.actions.is_empty());
+        assert_eq!(plan.problems, vec![Problem::NodeClassNotFound]);
+        snap.class = Some(ClassView {
+            hash: "h1".into(),
+            ready: false,
+        });
+        let plan = plan_pool(&snap);
+        assert!(plan.actions.is_empty());
+        assert_eq!(plan.problems, vec![Problem::NodeClassNotReady]);
+    }
+
+    #[test]
+    fn deletion_drains_busy_nodes_and_terminates_the_rest() {
+        let mut busy = running("a");
+        busy.node.as_mut().unwrap().workload_pods = 2;
+        let mut snap = snapshot(
+            vec![
+                busy,
+                running("b"),
+                standby("c", "h1"),
+                member(instance("d", Pending, "warmup", "h1", 5), None),
+            ],
+            10,
+            3,
+        );
+        snap.pool.deleting = true;
+        assert_eq!(
+            summary(&plan_pool(&snap)),
+            vec![
+                "drain a",
+                "terminate b PoolDeleted",
+                "terminate c PoolDeleted",
+                "terminate d PoolDeleted"
+            ]
+        );
+    }
+
+    #[test]
+    fn launch_tokens_are_stable_for_the_same_observed_state() {
+        let snap = snapshot(vec![standby("a", "h1")], 10, 3);
+        let token = |p: &Plan| match &p.actions[0] {
+            Action::Launch { token, .. } => token.clone(),
+            other => panic!("{other:?}"),
+        };
+        let first = token(&plan_pool(&snap));
+        assert_eq!(
+            first,
+            token(&plan_pool(&snap)),
+            "a retry after a crash sends the same token"
+        );
+        let changed = snapshot(vec![standby("b", "h1")], 10, 3);
+        assert_ne!(first, token(&plan_pool(&changed)));
+    }
+
+    #[test]
+    fn counts_follow_phases() {
+        let snap = snapshot(
+            vec![
+                warming("a", 1),
+                standby("b", "h1"),
+                running("c"),
+                member(instance("d", ShuttingDown, "standby", "h1", 1), None),
+            ],
+            10,
+            0,
+        );
+        let c = plan_pool(&snap).counts;
+        assert_eq!((c.warmup, c.standby, c.running, c.total), (1, 1, 1, 3));
+    }
+}
