@@ -31,6 +31,12 @@ pub enum Command {
     Crds,
     /// Print the version and git revision.
     Version,
+    /// Exit 0 at once: the command of the image pre-pull containers.
+    #[command(hide = true)]
+    Noop,
+    /// Copy this binary to DEST, for pre-pull containers of images without a shell.
+    #[command(hide = true)]
+    InstallNoop { dest: std::path::PathBuf },
 }
 
 #[derive(Debug, Clone, Args, PartialEq, Eq)]
@@ -70,6 +76,14 @@ pub struct RunConfig {
     /// Log line format.
     #[arg(long, env = "STRATOS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
+
+    /// Namespace of the image pre-pull pods (default: the operator's own, from POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub prepull_namespace: String,
+
+    /// Image whose `/stratos` binary runs in the pre-pull pods (default: this version's image).
+    #[arg(long, env = "STRATOS_PREPULL_IMAGE")]
+    pub prepull_image: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod cloud;
 pub mod config;
+pub mod controller;
 pub mod metrics;
 pub mod pool;
 pub mod preflight;

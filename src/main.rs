@@ -1,8 +1,16 @@
 use std::process::ExitCode;
 
+use std::sync::Arc;
+
 use stratos::{
     api,
+    cloud::{
+        ec2::{Ec2Cloud, RetryPolicy},
+        ratelimit::Limits,
+    },
     config::{self, Cli, Command, RunConfig},
+    controller::{self, OperatorConfig},
+    metrics::{CloudApiMetrics, PoolMetrics},
     preflight, telemetry,
 };
 
@@ -28,7 +36,23 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run(cfg) => run(*cfg),
+        Command::Noop => ExitCode::SUCCESS,
+        Command::InstallNoop { dest } => match install_self(&dest) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: cannot install to {}: {e}", dest.display());
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+/// Copies this (static) binary where the pre-pull containers run it as `noop`.
+fn install_self(dest: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let exe = std::env::current_exe()?;
+    std::fs::copy(exe, dest)?;
+    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o755))
 }
 
 fn run(cfg: RunConfig) -> ExitCode {
@@ -44,7 +68,7 @@ fn run(cfg: RunConfig) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let _clients = match preflight::connect(&cfg).await {
+        let clients = match preflight::connect(&cfg).await {
             Ok(clients) => clients,
             Err(e) => {
                 tracing::error!(error = %e, "start-up failed");
@@ -52,14 +76,43 @@ fn run(cfg: RunConfig) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let registry = prometheus::Registry::new();
+        let (cloud_metrics, pool_metrics) =
+            match (CloudApiMetrics::new(&registry), PoolMetrics::new(&registry)) {
+                (Ok(c), Ok(p)) => (Arc::new(c), Arc::new(p)),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("error: cannot register metrics: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+        let cloud = Arc::new(Ec2Cloud::new(
+            &clients.aws,
+            &cfg.cluster_name,
+            Limits::default(),
+            RetryPolicy::default(),
+            cloud_metrics,
+        ));
+        let mut operator = OperatorConfig::new(&cfg.cluster_name);
+        operator.prepull_namespace = cfg.prepull_namespace.clone();
+        if let Some(image) = &cfg.prepull_image {
+            operator.prepull_image = image.clone();
+        }
         tracing::info!(
             cluster = %cfg.cluster_name,
             version = config::VERSION,
             revision = config::GIT_REVISION,
-            "preflight passed; waiting for a shutdown signal"
+            "starting controllers"
         );
-        shutdown_signal().await;
-        tracing::info!("shutting down");
+        controller::run(
+            clients.kube,
+            clients.eviction,
+            cloud,
+            operator,
+            pool_metrics,
+            shutdown_signal(),
+        )
+        .await;
+        tracing::info!("shut down");
         ExitCode::SUCCESS
     })
 }

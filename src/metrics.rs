@@ -73,3 +73,103 @@ impl CloudApiMetrics {
         self.calls.with_label_values(&[op.as_str(), result]).get()
     }
 }
+
+/// Pool gauges and lifecycle counters (SPEC §8.1). Per-pool series are removed with the pool.
+pub struct PoolMetrics {
+    nodes: prometheus::IntGaugeVec,
+    pool_size: prometheus::IntGaugeVec,
+    min_standby: prometheus::IntGaugeVec,
+    warmup_results: IntCounterVec,
+    warmup_duration: HistogramVec,
+    reconcile_errors: IntCounterVec,
+}
+
+impl PoolMetrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let nodes = prometheus::IntGaugeVec::new(
+            Opts::new("stratos_pool_nodes", "Nodes of a pool by lifecycle state."),
+            &["pool", "state"],
+        )?;
+        let pool_size = prometheus::IntGaugeVec::new(
+            Opts::new("stratos_pool_size", "The pool's poolSize."),
+            &["pool"],
+        )?;
+        let min_standby = prometheus::IntGaugeVec::new(
+            Opts::new("stratos_pool_min_standby", "The pool's minStandby."),
+            &["pool"],
+        )?;
+        let warmup_results = IntCounterVec::new(
+            Opts::new(
+                "stratos_warmup_results_total",
+                "Warmups by result (completed, self_stopped, timeout, stopped_before_registering).",
+            ),
+            &["pool", "result"],
+        )?;
+        let warmup_duration = HistogramVec::new(
+            HistogramOpts::new("stratos_warmup_duration_seconds", "From launch to standby.")
+                .buckets(vec![30.0, 60.0, 120.0, 180.0, 300.0, 600.0, 900.0, 1800.0]),
+            &["pool"],
+        )?;
+        let reconcile_errors = IntCounterVec::new(
+            Opts::new(
+                "stratos_reconcile_errors_total",
+                "Failed reconciles by controller and error.",
+            ),
+            &["controller", "error"],
+        )?;
+        for c in [&nodes, &pool_size, &min_standby] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        registry.register(Box::new(warmup_results.clone()))?;
+        registry.register(Box::new(warmup_duration.clone()))?;
+        registry.register(Box::new(reconcile_errors.clone()))?;
+        Ok(Self {
+            nodes,
+            pool_size,
+            min_standby,
+            warmup_results,
+            warmup_duration,
+            reconcile_errors,
+        })
+    }
+
+    pub fn detached() -> Self {
+        Self::new(&Registry::new()).expect("a fresh registry accepts every family")
+    }
+
+    pub fn set_pool(&self, pool: &str, pool_size: i64, min_standby: i64, by_state: &[(&str, i64)]) {
+        self.pool_size.with_label_values(&[pool]).set(pool_size);
+        self.min_standby.with_label_values(&[pool]).set(min_standby);
+        for (state, n) in by_state {
+            self.nodes.with_label_values(&[pool, state]).set(*n);
+        }
+    }
+
+    pub fn warmup_result(&self, pool: &str, result: &str, duration: Option<Duration>) {
+        self.warmup_results.with_label_values(&[pool, result]).inc();
+        if let Some(d) = duration {
+            self.warmup_duration
+                .with_label_values(&[pool])
+                .observe(d.as_secs_f64());
+        }
+    }
+
+    pub fn reconcile_error(&self, controller: &str, error: &str) {
+        self.reconcile_errors
+            .with_label_values(&[controller, error])
+            .inc();
+    }
+
+    /// Drops every per-pool series of a deleted pool.
+    pub fn remove_pool(&self, pool: &str, states: &[&str], results: &[&str]) {
+        let _ = self.pool_size.remove_label_values(&[pool]);
+        let _ = self.min_standby.remove_label_values(&[pool]);
+        let _ = self.warmup_duration.remove_label_values(&[pool]);
+        for s in states {
+            let _ = self.nodes.remove_label_values(&[pool, s]);
+        }
+        for r in results {
+            let _ = self.warmup_results.remove_label_values(&[pool, r]);
+        }
+    }
+}

@@ -33,6 +33,8 @@ pub enum PreflightError {
 /// What a successful preflight hands to the operator.
 pub struct Clients {
     pub kube: Client,
+    /// Without kube's built-in 429 retries, for evictions.
+    pub eviction: Client,
     pub aws: aws_config::SdkConfig,
 }
 
@@ -45,7 +47,11 @@ pub async fn connect(cfg: &RunConfig) -> Result<Clients, PreflightError> {
         .await
         .map_err(|e| PreflightError::KubeConfig(e.to_string()))?;
     let url = config.cluster_url.to_string();
+    let mut eviction_config = config.clone();
+    eviction_config.default_retry = false;
     let client = Client::try_from(config).map_err(|e| PreflightError::KubeConfig(e.to_string()))?;
+    let eviction =
+        Client::try_from(eviction_config).map_err(|e| PreflightError::KubeConfig(e.to_string()))?;
 
     let unreachable = |reason: String| PreflightError::Unreachable {
         url: url.clone(),
@@ -59,7 +65,11 @@ pub async fn connect(cfg: &RunConfig) -> Result<Clients, PreflightError> {
 
     check_crd::<AWSNodeClass>(&client).await?;
     check_crd::<NodePool>(&client).await?;
-    Ok(Clients { kube: client, aws })
+    Ok(Clients {
+        kube: client,
+        eviction,
+        aws,
+    })
 }
 
 /// A list with `limit=1` is the cheapest request that proves the CRD is served and that our

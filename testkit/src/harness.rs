@@ -19,9 +19,12 @@ use serde_json::Value;
 use stratos::{
     api::NodePool,
     cloud::{
+        CloudProvider,
         fake::{FakeCloud, FakeCloudConfig},
         tags,
     },
+    controller::OperatorConfig,
+    metrics::PoolMetrics,
 };
 
 use crate::{
@@ -62,6 +65,7 @@ pub struct TestCluster {
     /// `None` when running against a real cluster.
     pub server: Option<ApiServer>,
     pub client: Client,
+    config: kube::Config,
     pub cloud: Arc<FakeCloud>,
     pub cluster_name: String,
     pub invariants: Invariants,
@@ -73,7 +77,15 @@ pub struct TestCluster {
 
 impl TestCluster {
     pub async fn start(options: ClusterOptions) -> TestCluster {
-        let (server, client, kubeconfig, scheduler, controllers) =
+        // `RUST_LOG=stratos=debug cargo test ...` shows the operator's log lines.
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .try_init();
+        let (server, client, kube_config, kubeconfig, scheduler, controllers) =
             match std::env::var_os(E2E_KUBECONFIG) {
                 Some(path) => {
                     let path = PathBuf::from(path);
@@ -85,9 +97,9 @@ impl TestCluster {
                     )
                     .await
                     .expect("load STRATOS_E2E_KUBECONFIG");
-                    let client = Client::try_from(config).expect("client");
+                    let client = Client::try_from(config.clone()).expect("client");
                     install_crds(&client).await;
-                    (None, client, path, None, None)
+                    (None, client, config, path, None, None)
                 }
                 None => {
                     let server = ApiServer::start_with_repo_crds().await;
@@ -95,9 +107,11 @@ impl TestCluster {
                     let path = server.kubeconfig_path();
                     let scheduler = Scheduler::start(client.clone());
                     let controllers = Controllers::start(client.clone());
+                    let config = server.config();
                     (
                         Some(server),
                         client,
+                        config,
                         path,
                         Some(scheduler),
                         Some(controllers),
@@ -118,6 +132,7 @@ impl TestCluster {
         TestCluster {
             server,
             client,
+            config: kube_config,
             cloud,
             cluster_name: options.cluster_name,
             invariants,
@@ -126,6 +141,29 @@ impl TestCluster {
             _controllers: controllers,
             _kubelet: kubelet,
         }
+    }
+
+    /// Runs the real Stratos controllers in this process, against this cluster and its
+    /// FakeCloud. Dropping (or [`Operator::kill`]ing) the handle stops them at once, like a
+    /// crashed pod.
+    pub fn start_operator(&self) -> Operator {
+        let mut eviction_config = self.config.clone();
+        eviction_config.default_retry = false;
+        let eviction = Client::try_from(eviction_config).expect("eviction client");
+        let mut config = OperatorConfig::new(&self.cluster_name);
+        config.prepull_image = "stratos:e2e".into();
+        config.resync = Duration::from_secs(2);
+        config.listing_ttl = Duration::from_millis(300);
+        let cloud: Arc<dyn CloudProvider> = self.cloud.clone();
+        let task = tokio::spawn(stratos::controller::run(
+            self.client.clone(),
+            eviction,
+            cloud,
+            config,
+            Arc::new(PoolMetrics::detached()),
+            futures::future::pending(),
+        ));
+        Operator { task }
     }
 
     pub fn kubeconfig_path(&self) -> PathBuf {
@@ -322,6 +360,24 @@ impl TestCluster {
             String::from_utf8_lossy(&out.stdout).into_owned()
                 + &String::from_utf8_lossy(&out.stderr),
         )
+    }
+}
+
+/// The in-process operator started by [`TestCluster::start_operator`].
+pub struct Operator {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Operator {
+    /// Stops the controllers at once, wherever they are.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

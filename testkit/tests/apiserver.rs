@@ -641,6 +641,25 @@ async fn bookmarks_arrive_on_quiet_watches_and_json_patches_apply() {
         .unwrap();
     assert_eq!(patched.labels().get("b").map(String::as_str), Some("2"));
     assert!(!patched.labels().contains_key("a"));
+    // As kube-apiserver: `test` against null passes for a missing path (kube-rs' finalizer
+    // helper depends on it).
+    let add_finalizer: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": "/metadata/finalizers", "value": null},
+        {"op": "add", "path": "/metadata/finalizers", "value": ["x/y"]}
+    ]))
+    .unwrap();
+    let with_finalizer = nodes
+        .patch(
+            "quiet",
+            &PatchParams::default(),
+            &Patch::Json::<()>(add_finalizer),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        with_finalizer.metadata.finalizers,
+        Some(vec!["x/y".to_owned()])
+    );
     let failing: json_patch::Patch =
         serde_json::from_value(json!([{"op": "test", "path": "/metadata/name", "value": "other"}]))
             .unwrap();

@@ -668,7 +668,24 @@ fn patch_object(
     match media {
         "application/merge-patch+json" => merge_patch(&mut patched, &patch_doc),
         "application/json-patch+json" => {
-            let ops: json_patch::Patch = serde_json::from_value(patch_doc.clone())
+            // kube-apiserver's JSON patch (evanphx/json-patch) treats a missing path as null
+            // in a `test` op; kube-rs' finalizer helper relies on that ("no finalizers yet").
+            let ops_json: Vec<Value> = patch_doc
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|op| {
+                    let null_test = op.get("op").and_then(Value::as_str) == Some("test")
+                        && op.get("value").is_some_and(Value::is_null);
+                    let missing = op
+                        .get("path")
+                        .and_then(Value::as_str)
+                        .is_some_and(|p| patched.pointer(p).is_none());
+                    !(null_test && missing)
+                })
+                .collect();
+            let ops: json_patch::Patch = serde_json::from_value(Value::Array(ops_json))
                 .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
             json_patch::patch(&mut patched, &ops).map_err(|e| {
                 ApiError::new(

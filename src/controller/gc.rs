@@ -1,0 +1,93 @@
+//! Garbage collection (SPEC §5.7): instances with this cluster's tag whose NodePool no longer
+//! exists, and Nodes of a pool whose instance is gone.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use k8s_openapi::api::core::v1::Node;
+use kube::{Api, ResourceExt, api::DeleteParams, runtime::reflector::Store};
+
+use super::Context;
+use crate::{
+    api::{NodePool, nodepool::POOL_LABEL},
+    cloud::{InstanceState, parse_provider_id, tags},
+};
+
+/// A Node whose instance is absent from a listing is only deleted once it is older than
+/// this: a node may register from an instance launched after the listing was taken.
+const NODE_GRACE: Duration = Duration::from_secs(120);
+
+pub async fn run(ctx: Arc<Context>, pools: Store<NodePool>, shutdown: impl Future<Output = ()>) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let _ = pools.wait_until_ready().await;
+    loop {
+        collect(&ctx, &pools).await;
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+    }
+}
+
+pub async fn collect(ctx: &Context, pools: &Store<NodePool>) {
+    let Ok((listed_at, instances)) = ctx.instances.get().await else {
+        return;
+    };
+    let pool_names: Vec<String> = pools.state().iter().map(|p| p.name_any()).collect();
+    let orphans: Vec<String> = instances
+        .iter()
+        .filter(|i| i.state.is_live())
+        .filter(|i| i.tag(tags::CLUSTER) == Some(ctx.config.cluster.as_str()))
+        .filter(|i| {
+            i.tag(tags::POOL)
+                .is_some_and(|p| !pool_names.iter().any(|n| n == p))
+        })
+        .map(|i| i.id.clone())
+        .collect();
+    if !orphans.is_empty() {
+        tracing::info!(instances = ?orphans, "terminating instances of deleted pools");
+        let outcome = ctx.cloud.terminate_instances(&orphans).await;
+        for (id, e) in outcome.failed {
+            tracing::warn!(instance = %id, error = %e, "could not terminate an orphaned instance");
+        }
+        ctx.instances.invalidate().await;
+    }
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    for node in ctx.stores.nodes.state() {
+        if !node.labels().contains_key(POOL_LABEL) {
+            continue;
+        }
+        let Some((_, id)) = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.provider_id.as_deref())
+            .and_then(parse_provider_id)
+        else {
+            continue;
+        };
+        let gone = match instances.iter().find(|i| i.id == id) {
+            Some(i) => matches!(
+                i.state,
+                InstanceState::Terminated | InstanceState::ShuttingDown
+            ),
+            None => {
+                let created = node
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| std::time::SystemTime::from(t.0));
+                let age_at_listing = created.and_then(|c| {
+                    (std::time::SystemTime::now() - listed_at.elapsed())
+                        .duration_since(c)
+                        .ok()
+                });
+                age_at_listing.is_some_and(|a| a > NODE_GRACE)
+            }
+        };
+        if gone {
+            tracing::info!(node = %node.name_any(), instance = id, "deleting the node of a gone instance");
+            let _ = nodes
+                .delete(&node.name_any(), &DeleteParams::default())
+                .await;
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! The imperative shell (SPEC §2): watches gather snapshots, `pool::plan` decides, and the
+//! controllers here execute the decisions idempotently and record status, events and
+//! metrics. Nothing here decides what a pool needs.
+
+pub mod drain;
+pub mod gc;
+pub mod instances;
+pub mod nodeclass;
+pub mod nodepool;
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::{FutureExt, StreamExt, future::BoxFuture};
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{Node, Pod},
+};
+use kube::{
+    Api, Client, Resource,
+    runtime::{
+        WatchStreamExt,
+        events::{Recorder, Reporter},
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use tokio::sync::Notify;
+
+use crate::{api::AWSNodeClass, cloud::CloudProvider, metrics::PoolMetrics};
+
+pub use instances::InstanceCache;
+
+/// Settings of a running operator.
+#[derive(Debug, Clone)]
+pub struct OperatorConfig {
+    /// Value of the `stratos.sh/cluster` tag on every instance Stratos owns.
+    pub cluster: String,
+    /// Namespace of the image pre-pull pods.
+    pub prepull_namespace: String,
+    /// Image of the pre-pull pods' helper (Stratos' own image, carrying its static binary).
+    pub prepull_image: String,
+    /// Periodic resync of every pool.
+    pub resync: Duration,
+    /// How long one instance listing is shared.
+    pub listing_ttl: Duration,
+}
+
+impl OperatorConfig {
+    pub fn new(cluster: impl Into<String>) -> Self {
+        Self {
+            cluster: cluster.into(),
+            prepull_namespace: "default".into(),
+            prepull_image: format!("ghcr.io/stratos-sh/stratos:{}", crate::config::VERSION),
+            resync: Duration::from_secs(15),
+            listing_ttl: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Caches every controller reads from.
+#[derive(Clone)]
+pub struct Stores {
+    pub nodes: Store<Node>,
+    pub pods: Store<Pod>,
+    pub daemonsets: Store<DaemonSet>,
+    pub classes: Store<AWSNodeClass>,
+}
+
+/// What `reconcile` gets (the controller-rs shape).
+pub struct Context {
+    pub client: Client,
+    /// For evictions: kube's default client retries 429 for minutes, which would hide a
+    /// PDB-blocked eviction.
+    pub eviction_client: Client,
+    pub cloud: Arc<dyn CloudProvider>,
+    pub instances: InstanceCache,
+    pub config: OperatorConfig,
+    pub stores: Stores,
+    pub recorder: Recorder,
+    pub metrics: Arc<PoolMetrics>,
+    /// Consecutive failures per object, for backoff in `error_policy`.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// Backoff for an object that failed again: 1s, 2s, 4s, … up to 2 minutes.
+    pub fn backoff(&self, key: &str) -> Duration {
+        let mut f = self.failures.lock().expect("failures lock");
+        let n = f.entry(key.to_owned()).or_insert(0);
+        *n = (*n + 1).min(8);
+        Duration::from_secs(1u64 << (*n - 1)).min(Duration::from_secs(120))
+    }
+
+    pub fn reset_backoff(&self, key: &str) {
+        self.failures.lock().expect("failures lock").remove(key);
+    }
+
+    pub async fn publish<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        warning: bool,
+        reason: &str,
+        note: String,
+    ) {
+        use kube::runtime::events::{Event, EventType};
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::debug!(error = %e, reason, "could not publish an event");
+        }
+    }
+}
+
+/// Controller errors; the label names them in metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("cloud: {0}")]
+    Cloud(#[from] crate::cloud::CloudError),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+    /// Not a failure: deletion waits for instances to go or pods to be evicted.
+    #[error("waiting: {0}")]
+    Waiting(String),
+}
+
+impl Error {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "kube",
+            Self::Cloud(e) => e.label(),
+            Self::Finalizer(_) => "finalizer",
+            Self::Waiting(_) => "waiting",
+        }
+    }
+}
+
+fn shared_store<K>(client: &Client, notify: Arc<Notify>) -> (Store<K>, BoxFuture<'static, ()>)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(
+        writer,
+        watcher(Api::<K>::all(client.clone()), watcher::Config::default()).modify(|o| {
+            // managedFields are large and never read: drop them to keep the caches small.
+            o.meta_mut().managed_fields = None;
+        }),
+    )
+    .default_backoff()
+    .touched_objects();
+    let fut = async move {
+        let mut stream = std::pin::pin!(stream);
+        while stream.next().await.is_some() {
+            notify.notify_one();
+        }
+    };
+    (reader, Box::pin(fut))
+}
+
+/// Runs every controller until `shutdown` resolves. Only the leader should call this.
+pub async fn run(
+    client: Client,
+    eviction_client: Client,
+    cloud: Arc<dyn CloudProvider>,
+    config: OperatorConfig,
+    metrics: Arc<PoolMetrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let notify = Arc::new(Notify::new());
+    let (nodes, nodes_task) = shared_store::<Node>(&client, notify.clone());
+    let (pods, pods_task) = shared_store::<Pod>(&client, notify.clone());
+    let (daemonsets, ds_task) = shared_store::<DaemonSet>(&client, notify.clone());
+    let (classes, classes_task) = shared_store::<AWSNodeClass>(&client, notify.clone());
+    let background = tokio::spawn(async move {
+        tokio::join!(nodes_task, pods_task, ds_task, classes_task);
+    });
+    let _ = tokio::join!(
+        nodes.wait_until_ready(),
+        pods.wait_until_ready(),
+        daemonsets.wait_until_ready(),
+        classes.wait_until_ready()
+    );
+
+    let reporter = Reporter {
+        controller: "stratos".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        instances: InstanceCache::new(cloud.clone(), config.listing_ttl),
+        client: client.clone(),
+        eviction_client,
+        cloud,
+        config,
+        stores: Stores {
+            nodes,
+            pods,
+            daemonsets,
+            classes,
+        },
+        metrics,
+        failures: Mutex::new(HashMap::new()),
+    });
+    // One oneshot per consumer: kube's graceful shutdown wants a `Send + Sync` future.
+    let mut stops = Vec::new();
+    let mut stop_signal = || {
+        let (tx, rx) = futures::channel::oneshot::channel::<()>();
+        stops.push(tx);
+        rx.map(|_| ())
+    };
+    let pools = nodepool::controller(ctx.clone(), notify.clone(), stop_signal());
+    let pool_store = pools.store.clone();
+    let classes = nodeclass::controller(ctx.clone(), pool_store.clone(), stop_signal());
+    let gc = tokio::spawn(gc::run(ctx.clone(), pool_store, stop_signal()));
+    let stopper = tokio::spawn(async move {
+        shutdown.await;
+        for tx in stops {
+            let _ = tx.send(());
+        }
+    });
+    tokio::join!(pools.run, classes);
+    let _ = gc.await;
+    stopper.abort();
+    background.abort();
+}

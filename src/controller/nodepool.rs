@@ -1,0 +1,881 @@
+//! The NodePool controller: gathers a pool's snapshot, runs the planner, executes its
+//! actions (batched: one launch, one stop, one terminate call per pool and round) and
+//! writes status, events and metrics.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    future::Future,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use futures::{StreamExt, future::BoxFuture};
+use k8s_openapi::{
+    api::core::v1::{Node, Pod, Taint},
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+};
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+    runtime::{
+        Controller,
+        controller::Action as Requeue,
+        finalizer::{Event as FinalizerEvent, finalizer},
+        reflector::{ObjectRef, Store},
+        watcher,
+    },
+};
+use serde_json::json;
+use tokio::sync::Notify;
+
+use super::{Context, Error, drain};
+use crate::{
+    api::{
+        NodePool, NodePoolStatus,
+        nodepool::{NodePoolSpec, POOL_LABEL, STATE_LABEL},
+    },
+    cloud::{Instance, LaunchRequest, LaunchSpec, parse_provider_id, tags},
+    pool::{
+        nodeclass_hash,
+        plan::{
+            self, Action, ClassView, Plan, PoolSnapshot, PoolView, Problem, StandbyReason,
+            TerminateReason,
+        },
+        scheduling,
+        state::{Member, NodeState, NodeView, Phase, PrePull},
+    },
+};
+
+pub const FINALIZER: &str = "stratos.sh/nodepool";
+pub const STANDBY_TAINT: &str = "stratos.sh/standby";
+const FIELD_MANAGER: &str = "stratos";
+const WARMUP_RESULTS: [&str; 4] = [
+    "completed",
+    "self_stopped",
+    "timeout",
+    "stopped_before_registering",
+];
+
+pub struct PoolController {
+    pub store: Store<NodePool>,
+    pub run: BoxFuture<'static, ()>,
+}
+
+pub fn controller(
+    ctx: Arc<Context>,
+    notify: Arc<Notify>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> PoolController {
+    let api: Api<NodePool> = Api::all(ctx.client.clone());
+    let controller = Controller::new(api, watcher::Config::default()).with_config(
+        kube::runtime::controller::Config::default().debounce(Duration::from_millis(100)),
+    );
+    let store = controller.store();
+    // Any change of a node, pod, DaemonSet or class may change what a pool needs.
+    let trigger = futures::stream::unfold(notify, |n| async move {
+        n.notified().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Some(((), n))
+    });
+    let run = controller
+        .reconcile_all_on(trigger)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {});
+    PoolController {
+        store,
+        run: Box::pin(run),
+    }
+}
+
+fn error_policy(pool: Arc<NodePool>, error: &Error, ctx: Arc<Context>) -> Requeue {
+    if let Error::Waiting(why) = error {
+        tracing::debug!(pool = %pool.name_any(), why, "deletion in progress");
+        return Requeue::requeue(Duration::from_secs(2));
+    }
+    ctx.metrics.reconcile_error("nodepool", error.label());
+    let delay = ctx.backoff(&format!("nodepool/{}", pool.name_any()));
+    tracing::warn!(pool = %pool.name_any(), error = %error, retry_in_s = delay.as_secs(), "reconcile failed");
+    Requeue::requeue(delay)
+}
+
+async fn reconcile(pool: Arc<NodePool>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let api: Api<NodePool> = Api::all(ctx.client.clone());
+    let result = finalizer(&api, FINALIZER, pool, |event| async {
+        match event {
+            FinalizerEvent::Apply(pool) => reconcile_pool(&pool, &ctx, false).await,
+            FinalizerEvent::Cleanup(pool) => reconcile_pool(&pool, &ctx, true).await,
+        }
+    })
+    .await;
+    match result {
+        Ok(action) => Ok(action),
+        Err(
+            kube::runtime::finalizer::Error::ApplyFailed(e)
+            | kube::runtime::finalizer::Error::CleanupFailed(e),
+        ) => Err(e),
+        Err(e) => Err(Error::Finalizer(e.to_string())),
+    }
+}
+
+/// The class's launch spec, hash and readiness, if the class exists.
+fn class_of(
+    spec: &NodePoolSpec,
+    ctx: &Context,
+) -> Option<(Arc<crate::api::AWSNodeClass>, ClassView)> {
+    let class = ctx
+        .stores
+        .classes
+        .get(&ObjectRef::new(&spec.template.node_class_ref.name))?;
+    let ready = class.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    });
+    let view = ClassView {
+        hash: nodeclass_hash(&class.spec),
+        ready,
+    };
+    Some((class, view))
+}
+
+fn prepull_pod_name(node: &str) -> String {
+    format!("stratos-prepull-{node}")
+}
+
+/// Builds the planner's view of a Node from the caches.
+fn node_view(
+    node: &Node,
+    pods_on_node: &[Arc<Pod>],
+    ctx: &Context,
+    images_to_pull: bool,
+) -> NodeView {
+    let name = node.name_any();
+    let ready = scheduling::node_ready(node);
+    let aws_node = pods_on_node
+        .iter()
+        .find(|p| {
+            p.namespace().as_deref() == Some("kube-system") && p.name_any().starts_with("aws-node")
+        })
+        .map(|p| scheduling::pod_ready(p));
+    let expected: Vec<String> = ctx
+        .stores
+        .daemonsets
+        .state()
+        .iter()
+        .filter(|ds| {
+            ds.spec
+                .as_ref()
+                .and_then(|s| s.template.spec.as_ref())
+                .is_some_and(|t| scheduling::daemonset_runs_on(t, node))
+        })
+        .filter_map(|ds| ds.uid())
+        .collect();
+    let ready_ds = expected
+        .iter()
+        .filter(|uid| {
+            pods_on_node.iter().any(|p| {
+                scheduling::pod_ready(p)
+                    && p.owner_references()
+                        .iter()
+                        .any(|o| o.uid == **uid && o.controller == Some(true))
+            })
+        })
+        .count();
+    let prepull_name = prepull_pod_name(&name);
+    let prepull = if !images_to_pull {
+        PrePull::NotNeeded
+    } else {
+        match pods_on_node.iter().find(|p| p.name_any() == prepull_name) {
+            None => PrePull::Missing,
+            Some(p) => match p.status.as_ref().and_then(|s| s.phase.as_deref()) {
+                Some("Succeeded") => PrePull::Succeeded,
+                Some("Failed") => PrePull::Failed,
+                _ => PrePull::Pending,
+            },
+        }
+    };
+    NodeView {
+        name: name.clone(),
+        created: node
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| SystemTime::from(t.0)),
+        ready,
+        network_ready: scheduling::network_ready(node, aws_node),
+        state_label: node
+            .labels()
+            .get(STATE_LABEL)
+            .and_then(|s| NodeState::parse(s)),
+        daemonsets_expected: expected.len(),
+        daemonset_pods_ready: ready_ds,
+        prepull,
+        workload_pods: pods_on_node
+            .iter()
+            .filter(|p| scheduling::is_workload(p) && p.name_any() != prepull_name)
+            .count(),
+    }
+}
+
+struct Gathered {
+    snapshot: PoolSnapshot,
+    nodes: HashMap<String, Arc<Node>>,
+    class: Option<Arc<crate::api::AWSNodeClass>>,
+}
+
+async fn gather(pool: &NodePool, ctx: &Context, deleting: bool) -> Result<Gathered, Error> {
+    let name = pool.name_any();
+    let (_, instances) = ctx.instances.get().await?;
+    let members_instances: Vec<&Instance> = instances
+        .iter()
+        .filter(|i| i.tag(tags::POOL) == Some(name.as_str()))
+        .collect();
+    let mut node_by_instance: HashMap<String, Arc<Node>> = HashMap::new();
+    for node in ctx.stores.nodes.state() {
+        if let Some((_, id)) = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.provider_id.as_deref())
+            .and_then(parse_provider_id)
+        {
+            node_by_instance.insert(id.to_owned(), node.clone());
+        }
+    }
+    let mut pods_by_node: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
+    for pod in ctx.stores.pods.state() {
+        if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
+            pods_by_node.entry(node).or_default().push(pod);
+        }
+    }
+    let images_to_pull = !pool.spec.pre_warm.images_to_pull.is_empty();
+    let mut nodes = HashMap::new();
+    let members = members_instances
+        .into_iter()
+        .map(|inst| {
+            let node = node_by_instance.get(&inst.id).cloned();
+            let view = node.as_ref().map(|n| {
+                let pods = pods_by_node
+                    .get(&n.name_any())
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                node_view(n, pods, ctx, images_to_pull)
+            });
+            if let Some(n) = node {
+                nodes.insert(inst.id.clone(), n);
+            }
+            Member {
+                instance: inst.clone(),
+                node: view,
+            }
+        })
+        .collect();
+    let class = class_of(&pool.spec, ctx);
+    let snapshot = PoolSnapshot {
+        pool: PoolView {
+            name: name.clone(),
+            uid: pool.uid().unwrap_or_default(),
+            pool_size: pool.spec.pool_size.max(0) as usize,
+            min_standby: pool.spec.min_standby.max(0) as usize,
+            warmup_timeout: pool.spec.pre_warm.timeout.as_std(),
+            timeout_action: pool.spec.pre_warm.timeout_action,
+            deleting,
+        },
+        class: class.as_ref().map(|(_, v)| v.clone()),
+        members,
+        now: SystemTime::now(),
+    };
+    Ok(Gathered {
+        snapshot,
+        nodes,
+        class: class.map(|(c, _)| c),
+    })
+}
+
+async fn reconcile_pool(pool: &NodePool, ctx: &Context, deleting: bool) -> Result<Requeue, Error> {
+    let name = pool.name_any();
+    let gathered = gather(pool, ctx, deleting).await?;
+    let plan = plan::plan_pool(&gathered.snapshot);
+    let mut errors = execute(pool, ctx, &gathered, &plan).await;
+    if !deleting {
+        errors.extend(converge_nodes(pool, ctx, &gathered).await);
+    }
+    let counts = &plan.counts;
+    let by_state: Vec<(&str, i64)> = NodeState::ALL
+        .iter()
+        .map(|s| (s.as_str(), counts.get(*s) as i64))
+        .collect();
+    if deleting {
+        let live = gathered
+            .snapshot
+            .members
+            .iter()
+            .filter(|m| m.phase() != Phase::Gone)
+            .count();
+        if live > 0 {
+            return Err(Error::Waiting(format!(
+                "{live} instance(s) of pool {name} still to terminate"
+            )));
+        }
+        let states: Vec<&str> = NodeState::ALL.iter().map(|s| s.as_str()).collect();
+        ctx.metrics.remove_pool(&name, &states, &WARMUP_RESULTS);
+        tracing::info!(pool = %name, "pool deleted: every instance terminated");
+        return Ok(Requeue::await_change());
+    }
+    ctx.metrics.set_pool(
+        &name,
+        pool.spec.pool_size as i64,
+        pool.spec.min_standby as i64,
+        &by_state,
+    );
+    write_status(pool, ctx, &plan, gathered.class.is_some(), &errors).await?;
+    if let Some(e) = errors.into_iter().next() {
+        return Err(e);
+    }
+    ctx.reset_backoff(&format!("nodepool/{name}"));
+    let busy = gathered
+        .snapshot
+        .members
+        .iter()
+        .any(|m| !matches!(m.phase(), Phase::Standby | Phase::Running | Phase::Gone))
+        || plan
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Launch { .. }));
+    Ok(Requeue::requeue(if busy {
+        Duration::from_secs(2)
+    } else {
+        ctx.config.resync
+    }))
+}
+
+fn startup_taint_keys(pool: &NodePool) -> Vec<String> {
+    pool.spec
+        .template
+        .startup_taints
+        .iter()
+        .map(|t| t.key.clone())
+        .collect()
+}
+
+fn desired_labels(pool: &NodePool, state: NodeState) -> BTreeMap<String, String> {
+    let mut labels = pool.spec.template.labels.clone();
+    labels.insert(POOL_LABEL.into(), pool.name_any());
+    labels.insert(STATE_LABEL.into(), state.as_str().into());
+    labels
+}
+
+/// Patches a node with optimistic concurrency, so taints that others change concurrently are
+/// never overwritten from a stale copy.
+async fn patch_node(ctx: &Context, node: &Node, patch: serde_json::Value) -> Result<(), Error> {
+    let mut patch = patch;
+    patch["metadata"]["resourceVersion"] = json!(node.resource_version());
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    api.patch(
+        &node.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+fn standby_taints(pool: &NodePool, node: &Node) -> Vec<Taint> {
+    let startup = startup_taint_keys(pool);
+    let mut taints: Vec<Taint> = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| t.key != STANDBY_TAINT && !startup.contains(&t.key))
+        .collect();
+    taints.push(Taint {
+        key: STANDBY_TAINT.into(),
+        value: Some("true".into()),
+        effect: "NoSchedule".into(),
+        time_added: None,
+    });
+    taints.extend(pool.spec.template.startup_taints.iter().cloned());
+    taints.extend(
+        pool.spec
+            .template
+            .taints
+            .iter()
+            .filter(|t| !taints_contain(&pool.spec.template.startup_taints, t))
+            .cloned(),
+    );
+    dedup_taints(taints)
+}
+
+fn taints_contain(list: &[Taint], t: &Taint) -> bool {
+    list.iter().any(|x| x.key == t.key && x.effect == t.effect)
+}
+
+fn dedup_taints(taints: Vec<Taint>) -> Vec<Taint> {
+    let mut out: Vec<Taint> = Vec::new();
+    for t in taints {
+        if !taints_contain(&out, &t) {
+            out.push(t);
+        }
+    }
+    out
+}
+
+async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> Vec<Error> {
+    let name = pool.name_any();
+    let mut errors = Vec::new();
+    let member = |id: &str| g.snapshot.members.iter().find(|m| m.id() == id);
+    let mut changed_cloud = false;
+
+    // Terminations first, so a launch in the same round sees the room they make.
+    let terminations: Vec<(&String, &Option<String>, &TerminateReason)> = plan
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Terminate {
+                instance,
+                node,
+                reason,
+            } => Some((instance, node, reason)),
+            _ => None,
+        })
+        .collect();
+    if !terminations.is_empty() {
+        let ids: Vec<String> = terminations.iter().map(|(i, ..)| (*i).clone()).collect();
+        let outcome = ctx.cloud.terminate_instances(&ids).await;
+        changed_cloud = true;
+        for (id, node, reason) in &terminations {
+            if let Some((_, e)) = outcome.failed.iter().find(|(f, _)| f == *id) {
+                tracing::warn!(pool = %name, instance = %id, error = %e, "terminate failed");
+                errors.push(Error::Cloud(e.clone()));
+                continue;
+            }
+            tracing::info!(pool = %name, instance = %id, node = node.as_deref().unwrap_or("-"), reason = reason.as_str(), "terminated");
+            if reason.is_warmup_failure() {
+                let result = if matches!(reason, TerminateReason::WarmupTimeout) {
+                    "timeout"
+                } else {
+                    "stopped_before_registering"
+                };
+                ctx.metrics.warmup_result(&name, result, None);
+                let why = match reason {
+                    TerminateReason::WarmupTimeout => format!(
+                        "instance {id} missed the warmup deadline of {}; terminated",
+                        pool.spec.pre_warm.timeout
+                    ),
+                    _ => format!("instance {id} stopped before its node registered; terminated"),
+                };
+                ctx.publish(pool, true, "WarmupFailed", why).await;
+            }
+            if let Some(node) = node {
+                let api: Api<Node> = Api::all(ctx.client.clone());
+                match api.delete(node, &DeleteParams::default()).await {
+                    Ok(_) | Err(kube::Error::Api(_)) => {}
+                    Err(e) => errors.push(e.into()),
+                }
+            }
+        }
+        let n = terminations.len() - outcome.failed.len();
+        if n > 0 {
+            let reasons: Vec<&str> = terminations.iter().map(|(_, _, r)| r.as_str()).collect();
+            ctx.publish(
+                pool,
+                false,
+                "Terminated",
+                format!("terminated {n} instance(s) ({})", reasons.join(", ")),
+            )
+            .await;
+        }
+    }
+
+    // Into standby: intent first (label, cordon, taints), then one stop call, then tags.
+    let mut to_stop = Vec::new();
+    let mut to_tag = Vec::new();
+    for action in &plan.actions {
+        let Action::EnterStandby {
+            instance, reason, ..
+        } = action
+        else {
+            continue;
+        };
+        let Some(m) = member(instance) else { continue };
+        if let Some(node) = g.nodes.get(instance) {
+            let patch = json!({
+                "metadata": {"labels": desired_labels(pool, NodeState::Standby)},
+                "spec": {"unschedulable": true, "taints": standby_taints(pool, node)},
+            });
+            if let Err(e) = patch_node(ctx, node, patch).await {
+                errors.push(e);
+                continue;
+            }
+        }
+        if matches!(
+            m.instance.state,
+            crate::cloud::InstanceState::Running | crate::cloud::InstanceState::Pending
+        ) {
+            to_stop.push(instance.clone());
+        }
+        to_tag.push(instance.clone());
+        let age = m
+            .instance
+            .launch_time
+            .and_then(|t| SystemTime::now().duration_since(t).ok());
+        match reason {
+            StandbyReason::WarmupComplete | StandbyReason::SelfStopped => {
+                let result = if *reason == StandbyReason::WarmupComplete {
+                    "completed"
+                } else {
+                    "self_stopped"
+                };
+                ctx.metrics.warmup_result(&name, result, age);
+                tracing::info!(pool = %name, instance = %instance, node = m.node_name().unwrap_or("-"), reason = ?reason, "warmup complete: into standby");
+            }
+            StandbyReason::WarmupTimeout | StandbyReason::StoppedBeforeRegistering => {
+                let result = if *reason == StandbyReason::WarmupTimeout {
+                    "timeout"
+                } else {
+                    "stopped_before_registering"
+                };
+                ctx.metrics.warmup_result(&name, result, None);
+                ctx.publish(pool, true, "WarmupFailed", format!("instance {instance}: {reason:?}; stopped into standby (timeoutAction: stop)")).await;
+            }
+            StandbyReason::Resume | StandbyReason::StoppedUnexpectedly => {
+                tracing::info!(pool = %name, instance = %instance, reason = ?reason, "into standby");
+            }
+        }
+    }
+    if !to_stop.is_empty() {
+        let outcome = ctx.cloud.stop_instances(&to_stop).await;
+        changed_cloud = true;
+        for (id, e) in &outcome.failed {
+            tracing::warn!(pool = %name, instance = %id, error = %e, "stop failed");
+            errors.push(Error::Cloud(e.clone()));
+        }
+    }
+    let warmed = plan
+        .actions
+        .iter()
+        .filter(|a| {
+            matches!(
+                a,
+                Action::EnterStandby {
+                    reason: StandbyReason::WarmupComplete | StandbyReason::SelfStopped,
+                    ..
+                }
+            )
+        })
+        .count();
+    if warmed > 0 {
+        ctx.publish(
+            pool,
+            false,
+            "WarmupCompleted",
+            format!("{warmed} node(s) warmed up and stopped into standby"),
+        )
+        .await;
+    }
+    if !to_tag.is_empty() {
+        let state = BTreeMap::from([(
+            tags::STATE.to_owned(),
+            NodeState::Standby.as_str().to_owned(),
+        )]);
+        if let Err(e) = ctx.cloud.set_tags(&to_tag, &state).await {
+            errors.push(Error::Cloud(e));
+        }
+    }
+
+    for action in &plan.actions {
+        match action {
+            Action::CreatePrePullPod { node } => {
+                if let Err(e) = create_prepull_pod(pool, ctx, node).await {
+                    errors.push(e);
+                }
+            }
+            Action::Drain { node, instance } => {
+                if let Some(n) = g.nodes.get(instance) {
+                    let _ = patch_node(ctx, n, json!({"metadata": {"labels": {STATE_LABEL: NodeState::Draining.as_str()}}, "spec": {"unschedulable": true}})).await;
+                }
+                match drain::evict_workload(ctx, node).await {
+                    Ok(0) => {}
+                    Ok(left) => {
+                        tracing::info!(pool = %name, node = %node, left, "draining before the pool's deletion")
+                    }
+                    Err(e) => errors.push(e),
+                }
+            }
+            _ => {}
+        }
+    }
+
+    for action in &plan.actions {
+        let Action::Launch {
+            count,
+            token,
+            existing_per_subnet,
+        } = action
+        else {
+            continue;
+        };
+        let Some(class) = &g.class else { continue };
+        let mut instance_tags = class.spec.tags.clone();
+        instance_tags.insert(tags::CLUSTER.into(), ctx.config.cluster.clone());
+        instance_tags.insert(tags::POOL.into(), name.clone());
+        instance_tags.insert(tags::NODECLASS_HASH.into(), nodeclass_hash(&class.spec));
+        instance_tags.insert(tags::STATE.into(), NodeState::Warmup.as_str().into());
+        let request = LaunchRequest {
+            spec: LaunchSpec::from(&class.spec),
+            count: *count,
+            tags: instance_tags,
+            client_token: token.clone(),
+            existing_per_subnet: existing_per_subnet.clone(),
+        };
+        let outcome = ctx.cloud.launch(&request).await;
+        changed_cloud = true;
+        let ids: Vec<&str> = outcome.instances.iter().map(|i| i.id.as_str()).collect();
+        tracing::info!(pool = %name, requested = count, launched = ids.len(), instances = ?ids, "launch for warmup");
+        if !outcome.instances.is_empty() {
+            ctx.publish(
+                pool,
+                false,
+                "WarmupStarted",
+                format!(
+                    "launched {} instance(s) to keep {} in standby",
+                    outcome.instances.len(),
+                    pool.spec.min_standby
+                ),
+            )
+            .await;
+        }
+        for e in outcome.errors {
+            ctx.publish(pool, true, "LaunchFailed", e.to_string()).await;
+            errors.push(Error::Cloud(e));
+        }
+    }
+    if changed_cloud {
+        ctx.instances.invalidate().await;
+    }
+    errors
+}
+
+/// Keeps member nodes' labels and startup taints as the pool wants them.
+async fn converge_nodes(pool: &NodePool, ctx: &Context, g: &Gathered) -> Vec<Error> {
+    let mut errors = Vec::new();
+    let startup = startup_taint_keys(pool);
+    for m in &g.snapshot.members {
+        let (Some(node), Some(view)) = (g.nodes.get(m.id()), &m.node) else {
+            continue;
+        };
+        let state = match m.phase() {
+            Phase::Warming | Phase::WarmReady => NodeState::Warmup,
+            Phase::Starting => NodeState::Starting,
+            Phase::Running => NodeState::Running,
+            _ => continue,
+        };
+        let labels = node.labels();
+        let want = desired_labels(pool, state);
+        let labels_ok = want.iter().all(|(k, v)| labels.get(k) == Some(v));
+        let taints = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.clone())
+            .unwrap_or_default();
+        let remove_startup = !startup.is_empty()
+            && taints.iter().any(|t| startup.contains(&t.key))
+            && scheduling::startup_taints_removable(
+                pool.spec.template.startup_taint_removal,
+                view.ready,
+                view.network_ready,
+            );
+        if labels_ok && !remove_startup {
+            continue;
+        }
+        let mut patch = json!({"metadata": {"labels": want}});
+        if remove_startup {
+            let kept: Vec<&Taint> = taints
+                .iter()
+                .filter(|t| !startup.contains(&t.key))
+                .collect();
+            patch["spec"] = json!({"taints": kept});
+            tracing::info!(pool = %pool.name_any(), node = %view.name, "startup taints removed");
+        }
+        if let Err(e) = patch_node(ctx, node, patch).await {
+            errors.push(e);
+        }
+    }
+    errors
+}
+
+async fn create_prepull_pod(pool: &NodePool, ctx: &Context, node: &str) -> Result<(), Error> {
+    let image = &ctx.config.prepull_image;
+    let mount = json!([{"name": "stratos-bin", "mountPath": "/stratos-bin"}]);
+    let small = json!({"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "32Mi"}});
+    let mut init = vec![json!({
+        "name": "install", "image": image, "imagePullPolicy": "IfNotPresent",
+        "command": ["/stratos", "install-noop", "/stratos-bin/noop"], "volumeMounts": mount, "resources": small,
+    })];
+    for (i, pull) in pool.spec.pre_warm.images_to_pull.iter().enumerate() {
+        init.push(json!({
+            "name": format!("pull-{i}"), "image": pull, "imagePullPolicy": "IfNotPresent",
+            "command": ["/stratos-bin/noop"], "volumeMounts": mount, "resources": small,
+        }));
+    }
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": prepull_pod_name(node),
+            "namespace": ctx.config.prepull_namespace,
+            "labels": {"app.kubernetes.io/managed-by": "stratos", POOL_LABEL: pool.name_any(), "stratos.sh/prepull": "true"},
+        },
+        "spec": {
+            "nodeName": node,
+            "restartPolicy": "Never",
+            "tolerations": [{"operator": "Exists"}],
+            "volumes": [{"name": "stratos-bin", "emptyDir": {}}],
+            "initContainers": init,
+            "containers": [{"name": "done", "image": image, "imagePullPolicy": "IfNotPresent", "command": ["/stratos", "noop"], "resources": small}],
+        }
+    }))
+    .expect("pre-pull pod json");
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.config.prepull_namespace);
+    match api.create(&PostParams::default(), &pod).await {
+        Ok(_) => {
+            tracing::info!(pool = %pool.name_any(), node, images = pool.spec.pre_warm.images_to_pull.len(), "pre-pull pod created");
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn condition(
+    existing: &[Condition],
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+) -> Condition {
+    let status = if status { "True" } else { "False" }.to_owned();
+    let previous = existing.iter().find(|c| c.type_ == type_);
+    let last_transition_time = match previous {
+        Some(p) if p.status == status => p.last_transition_time.clone(),
+        _ => Time(jiff::Timestamp::now()),
+    };
+    Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+async fn write_status(
+    pool: &NodePool,
+    ctx: &Context,
+    plan: &Plan,
+    class_found: bool,
+    errors: &[Error],
+) -> Result<(), Error> {
+    let existing = pool.status.clone().unwrap_or_default();
+    let generation = pool.metadata.generation;
+    let c = &plan.counts;
+    let min = pool.spec.min_standby.max(0) as usize;
+    let (degraded, reason, message) = match (plan.problems.first(), errors.first()) {
+        (Some(Problem::NodeClassNotFound), _) => (
+            true,
+            "NodeClassNotFound",
+            format!(
+                "AWSNodeClass {} does not exist",
+                pool.spec.template.node_class_ref.name
+            ),
+        ),
+        (Some(Problem::NodeClassNotReady), _) => (
+            true,
+            "NodeClassNotReady",
+            format!(
+                "AWSNodeClass {} is not Ready; see its status",
+                pool.spec.template.node_class_ref.name
+            ),
+        ),
+        (Some(Problem::PrePullFailed(nodes)), _) => (
+            true,
+            "WarmupFailing",
+            format!("image pre-pull failed on {}", nodes.join(", ")),
+        ),
+        (None, Some(Error::Cloud(crate::cloud::CloudError::InsufficientCapacity(m)))) => {
+            (true, "InsufficientCapacity", m.clone())
+        }
+        (None, Some(Error::Cloud(e))) => (true, "CloudError", e.to_string()),
+        (None, Some(e)) => (true, "ReconcileError", e.to_string()),
+        (None, None) => (false, "AsExpected", "the pool is healthy".to_owned()),
+    };
+    let ready = class_found
+        && !plan
+            .problems
+            .iter()
+            .any(|p| matches!(p, Problem::NodeClassNotReady | Problem::NodeClassNotFound))
+        && c.standby >= min;
+    let ready_message = if ready {
+        format!("{} standby node(s), minStandby {min}", c.standby)
+    } else if !class_found {
+        "no node class".into()
+    } else {
+        format!(
+            "{} of {min} standby node(s) ready; {} warming up",
+            c.standby, c.warmup
+        )
+    };
+    let conditions = vec![
+        condition(
+            &existing.conditions,
+            "Ready",
+            ready,
+            if ready {
+                "StandbyAvailable"
+            } else {
+                "StandbyShort"
+            },
+            ready_message,
+            generation,
+        ),
+        condition(
+            &existing.conditions,
+            "Degraded",
+            degraded,
+            reason,
+            message,
+            generation,
+        ),
+    ];
+    let status = NodePoolStatus {
+        observed_generation: generation,
+        warmup: c.warmup as i32,
+        standby: c.standby as i32,
+        starting: c.starting as i32,
+        running: c.running as i32,
+        draining: c.draining as i32,
+        total: c.total as i32,
+        conditions,
+        last_scale_up: existing.last_scale_up.clone(),
+    };
+    let was_degraded = existing
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Degraded" && c.status == "True");
+    if degraded && !was_degraded {
+        ctx.publish(pool, true, reason, status.conditions[1].message.clone())
+            .await;
+    }
+    let body = json!({"apiVersion": "stratos.sh/v1alpha1", "kind": "NodePool", "status": status});
+    let api: Api<NodePool> = Api::all(ctx.client.clone());
+    api.patch_status(
+        &pool.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,525 @@
+//! End to end: the real Stratos controllers against the embedded API server, scheduler,
+//! DaemonSet controller, kubelet simulator and FakeCloud (SPEC §5.1–§5.3, §5.7, §11).
+//! Every test ends by asserting the invariants held throughout.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+};
+use serde_json::json;
+use stratos::{
+    api::{AWSNodeClass, NodePool},
+    cloud::{InstanceState, ratelimit::Operation, tags},
+};
+use testkit::{
+    harness::{ClusterOptions, TestCluster},
+    kubelet::KubeletOptions,
+};
+
+const QUICKSTART: &str = include_str!("../examples/quickstart.yaml");
+const AWS_NODE: &str = r#"
+apiVersion: apps/v1
+kind: DaemonSet
+metadata:
+  name: aws-node
+  namespace: kube-system
+spec:
+  selector:
+    matchLabels: {k8s-app: aws-node}
+  template:
+    metadata:
+      labels: {k8s-app: aws-node}
+    spec:
+      tolerations: [{operator: Exists}]
+      containers:
+        - name: aws-node
+          image: amazon-k8s-cni:v1.19.0
+          resources: {requests: {cpu: 25m}}
+"#;
+
+fn class_doc() -> &'static str {
+    QUICKSTART.split("---").next().unwrap()
+}
+
+fn pool_doc() -> &'static str {
+    QUICKSTART.split("---").nth(1).unwrap()
+}
+
+async fn pool_status(cluster: &TestCluster, name: &str) -> Option<stratos::api::NodePoolStatus> {
+    Api::<NodePool>::all(cluster.client.clone())
+        .get_opt(name)
+        .await
+        .ok()??
+        .status
+}
+
+async fn wait_standby(cluster: &TestCluster, pool: &str, standby: i32, total: i32) {
+    cluster
+        .wait_for(
+            &format!("{pool}: {standby} standby of {total}"),
+            Duration::from_secs(30),
+            || async {
+                let s = pool_status(cluster, pool).await?;
+                (s.standby == standby && s.total == total && s.warmup == 0).then_some(())
+            },
+        )
+        .await;
+}
+
+fn pool_instances(cluster: &TestCluster, pool: &str) -> Vec<stratos::cloud::Instance> {
+    cluster
+        .cloud
+        .all_instances()
+        .into_iter()
+        .filter(|i| i.tag(tags::POOL) == Some(pool) && i.state.is_live())
+        .collect()
+}
+
+fn launched(cluster: &TestCluster) -> usize {
+    cluster
+        .cloud
+        .calls()
+        .iter()
+        .filter(|c| c.operation == Operation::RunInstances)
+        .map(|c| c.ids.len())
+        .sum()
+}
+
+fn print_pools(cluster: &TestCluster) {
+    if let Some(table) = cluster.kubectl(&["get", "np"]) {
+        println!("$ kubectl get np\n{table}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fills_a_pool_to_min_standby() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    cluster.apply_yaml(AWS_NODE).await;
+    let _operator = cluster.start_operator();
+    cluster.apply_yaml(QUICKSTART).await;
+    cluster
+        .wait_for("warmup in progress", Duration::from_secs(10), || async {
+            let s = pool_status(&cluster, "workers").await?;
+            (s.warmup > 0).then_some(())
+        })
+        .await;
+    print_pools(&cluster);
+    wait_standby(&cluster, "workers", 3, 3).await;
+    print_pools(&cluster);
+
+    let instances = pool_instances(&cluster, "workers");
+    assert_eq!(instances.len(), 3);
+    assert_eq!(launched(&cluster), 3, "exactly minStandby launched");
+    assert_eq!(
+        cluster.cloud.call_count(Operation::RunInstances),
+        1,
+        "one batched launch"
+    );
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    for inst in &instances {
+        assert_eq!(inst.state, InstanceState::Stopped, "{}", inst.id);
+        assert_eq!(inst.tag(tags::STATE), Some("standby"));
+        assert_eq!(inst.tag(tags::CLUSTER), Some("e2e"));
+        assert!(inst.tag(tags::NODECLASS_HASH).is_some());
+        let node = nodes
+            .get(inst.private_dns_name.as_deref().unwrap())
+            .await
+            .unwrap();
+        let labels = node.labels();
+        assert_eq!(
+            labels.get("stratos.sh/pool").map(String::as_str),
+            Some("workers")
+        );
+        assert_eq!(
+            labels.get("stratos.sh/state").map(String::as_str),
+            Some("standby")
+        );
+        let spec = node.spec.unwrap();
+        assert_eq!(spec.unschedulable, Some(true), "standby nodes are cordoned");
+        let taints: Vec<String> = spec
+            .taints
+            .unwrap()
+            .iter()
+            .map(|t| {
+                format!(
+                    "{}={}:{}",
+                    t.key,
+                    t.value.clone().unwrap_or_default(),
+                    t.effect
+                )
+            })
+            .collect();
+        assert!(
+            taints.contains(&"stratos.sh/standby=true:NoSchedule".to_owned()),
+            "{taints:?}"
+        );
+        assert!(
+            taints.contains(&"node.eks.amazonaws.com/not-ready=true:NoSchedule".to_owned()),
+            "startup taints are back for the next boot: {taints:?}"
+        );
+        // The DaemonSet pod ran on the node during warmup: its image is on disk.
+        let images: Vec<String> = node
+            .status
+            .unwrap()
+            .images
+            .unwrap_or_default()
+            .into_iter()
+            .flat_map(|i| i.names.unwrap_or_default())
+            .collect();
+        assert!(
+            images.contains(&"amazon-k8s-cni:v1.19.0".to_owned()),
+            "{images:?}"
+        );
+    }
+    let status = pool_status(&cluster, "workers").await.unwrap();
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(ready.status, "True");
+    let degraded = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap();
+    assert_eq!(degraded.status, "False");
+    let class = Api::<AWSNodeClass>::all(cluster.client.clone())
+        .get("workers")
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(class.node_pools, vec!["workers"]);
+    assert_eq!(class.subnets[0].zone, "us-east-1a");
+    cluster.invariants.assert_held();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_self_stopped_instance_completes_warmup() {
+    // DaemonSet pods take long to start, so the bootstrap's poweroff comes first.
+    let options = ClusterOptions {
+        kubelet: KubeletOptions {
+            pod_start_after: Duration::from_secs(30),
+            poweroff_after_ready: Some(Duration::from_millis(200)),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let cluster = TestCluster::start(options).await;
+    cluster.apply_yaml(AWS_NODE).await;
+    let _operator = cluster.start_operator();
+    cluster.apply_yaml(QUICKSTART).await;
+    wait_standby(&cluster, "workers", 3, 3).await;
+    assert_eq!(
+        cluster.cloud.call_count(Operation::StopInstances),
+        0,
+        "the instances stopped themselves"
+    );
+    assert_eq!(launched(&cluster), 3);
+    cluster.invariants.assert_held();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_warmup_deadline_terminates_or_stops() {
+    for action in ["terminate", "stop"] {
+        // The node never registers.
+        let options = ClusterOptions {
+            kubelet: KubeletOptions {
+                register_after: Duration::from_secs(3600),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let cluster = TestCluster::start(options).await;
+        let _operator = cluster.start_operator();
+        cluster.apply_yaml(class_doc()).await;
+        let pool = pool_doc().replace(
+            "minStandby: 3",
+            &format!("minStandby: 1\n  preWarm:\n    timeout: 2s\n    timeoutAction: {action}"),
+        );
+        cluster.apply_yaml(&pool).await;
+        if action == "terminate" {
+            cluster
+                .wait_for(
+                    "a timed-out instance terminated and replaced",
+                    Duration::from_secs(20),
+                    || async {
+                        (cluster.cloud.call_count(Operation::TerminateInstances) >= 1
+                            && launched(&cluster) >= 2)
+                            .then_some(())
+                    },
+                )
+                .await;
+            assert!(
+                pool_instances(&cluster, "workers").len() <= 1,
+                "never more than minStandby warming"
+            );
+        } else {
+            wait_standby(&cluster, "workers", 1, 1).await;
+            let inst = &pool_instances(&cluster, "workers")[0];
+            assert_eq!(inst.state, InstanceState::Stopped);
+            assert_eq!(inst.tag(tags::STATE), Some("standby"));
+            assert_eq!(launched(&cluster), 1);
+        }
+        cluster.invariants.assert_held();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lowering_pool_size_trims_standby_nodes() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    let _operator = cluster.start_operator();
+    cluster.apply_yaml(QUICKSTART).await;
+    wait_standby(&cluster, "workers", 3, 3).await;
+    cluster
+        .apply_yaml(
+            &pool_doc()
+                .replace("poolSize: 10", "poolSize: 1")
+                .replace("minStandby: 3", "minStandby: 1"),
+        )
+        .await;
+    wait_standby(&cluster, "workers", 1, 1).await;
+    print_pools(&cluster);
+    assert_eq!(pool_instances(&cluster, "workers").len(), 1);
+    assert_eq!(launched(&cluster), 3);
+    let nodes = Api::<Node>::all(cluster.client.clone())
+        .list(&ListParams::default().labels("stratos.sh/pool=workers"))
+        .await
+        .unwrap();
+    cluster
+        .wait_for("trimmed nodes deleted", Duration::from_secs(10), || async {
+            let n = Api::<Node>::all(cluster.client.clone())
+                .list(&ListParams::default().labels("stratos.sh/pool=workers"))
+                .await
+                .ok()?;
+            (n.items.len() == 1).then_some(())
+        })
+        .await;
+    drop(nodes);
+    cluster.invariants.assert_held();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_the_ami_replaces_standby_nodes() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    cluster.cloud.add_image("ami-0fedcba9876543210");
+    let _operator = cluster.start_operator();
+    cluster.apply_yaml(QUICKSTART).await;
+    wait_standby(&cluster, "workers", 3, 3).await;
+    let old: Vec<String> = pool_instances(&cluster, "workers")
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    cluster
+        .apply_yaml(&class_doc().replace("ami-0123456789abcdef0", "ami-0fedcba9876543210"))
+        .await;
+    cluster
+        .wait_for(
+            "every standby node replaced",
+            Duration::from_secs(40),
+            || async {
+                let now = pool_instances(&cluster, "workers");
+                let s = pool_status(&cluster, "workers").await?;
+                (now.len() == 3
+                    && now.iter().all(|i| !old.contains(&i.id))
+                    && s.standby == 3
+                    && s.warmup == 0)
+                    .then_some(())
+            },
+        )
+        .await;
+    let hashes: std::collections::BTreeSet<String> = pool_instances(&cluster, "workers")
+        .iter()
+        .filter_map(|i| i.tag(tags::NODECLASS_HASH).map(str::to_owned))
+        .collect();
+    assert_eq!(hashes.len(), 1);
+    cluster.invariants.assert_held();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_pool_leaves_nothing_behind() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    let _operator = cluster.start_operator();
+    cluster.apply_yaml(QUICKSTART).await;
+    wait_standby(&cluster, "workers", 3, 3).await;
+    let pools: Api<NodePool> = Api::all(cluster.client.clone());
+    pools
+        .delete("workers", &DeleteParams::default())
+        .await
+        .unwrap();
+    cluster
+        .wait_for(
+            "the pool, its instances and nodes gone",
+            Duration::from_secs(30),
+            || async {
+                let gone = pools.get_opt("workers").await.ok()?.is_none();
+                let nodes = Api::<Node>::all(cluster.client.clone())
+                    .list(&ListParams::default().labels("stratos.sh/pool=workers"))
+                    .await
+                    .ok()?;
+                (gone && pool_instances(&cluster, "workers").is_empty() && nodes.items.is_empty())
+                    .then_some(())
+            },
+        )
+        .await;
+    // The class is free to go now.
+    let classes: Api<AWSNodeClass> = Api::all(cluster.client.clone());
+    classes
+        .delete("workers", &DeleteParams::default())
+        .await
+        .unwrap();
+    cluster
+        .wait_for("the class deleted", Duration::from_secs(10), || async {
+            classes
+                .get_opt("workers")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        })
+        .await;
+    cluster.invariants.assert_held();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_node_class_degrades_the_pool_until_it_exists() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    let _operator = cluster.start_operator();
+    cluster.apply_yaml(pool_doc()).await;
+    let degraded = |reason: &'static str| {
+        let cluster = &cluster;
+        move || async move {
+            let s = pool_status(cluster, "workers").await?;
+            let c = s.conditions.iter().find(|c| c.type_ == "Degraded")?;
+            (c.reason == reason).then_some(c.status.clone())
+        }
+    };
+    let status = cluster
+        .wait_for(
+            "Degraded NodeClassNotFound",
+            Duration::from_secs(10),
+            degraded("NodeClassNotFound"),
+        )
+        .await;
+    assert_eq!(status, "True");
+    assert_eq!(launched(&cluster), 0);
+    // A class referring to a subnet that does not exist: not ready, still nothing launched.
+    cluster
+        .apply_yaml(&class_doc().replace("subnet-12345678", "subnet-0badbad0"))
+        .await;
+    cluster
+        .wait_for(
+            "Degraded NodeClassNotReady",
+            Duration::from_secs(10),
+            degraded("NodeClassNotReady"),
+        )
+        .await;
+    let class = Api::<AWSNodeClass>::all(cluster.client.clone())
+        .get("workers")
+        .await
+        .unwrap();
+    let ready = class
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(ready.status, "False");
+    assert!(
+        ready.message.contains("subnet-0badbad0"),
+        "{}",
+        ready.message
+    );
+    assert_eq!(launched(&cluster), 0);
+    // Fixed: the pool recovers and the condition clears.
+    cluster.apply_yaml(class_doc()).await;
+    wait_standby(&cluster, "workers", 3, 3).await;
+    let status = cluster
+        .wait_for(
+            "Degraded cleared",
+            Duration::from_secs(10),
+            degraded("AsExpected"),
+        )
+        .await;
+    assert_eq!(status, "False");
+    cluster.invariants.assert_held();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_mid_warmup_launches_nothing_extra() {
+    let options = ClusterOptions {
+        kubelet: KubeletOptions {
+            ready_after: Duration::from_secs(2),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let cluster = TestCluster::start(options).await;
+    let operator = cluster.start_operator();
+    cluster.apply_yaml(QUICKSTART).await;
+    cluster
+        .wait_for("instances launched", Duration::from_secs(10), || async {
+            (launched(&cluster) == 3).then_some(())
+        })
+        .await;
+    operator.kill();
+    // A new operator process: nothing in memory, only EC2 and the API server.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _operator = cluster.start_operator();
+    wait_standby(&cluster, "workers", 3, 3).await;
+    assert_eq!(
+        launched(&cluster),
+        3,
+        "the restarted operator launched nothing extra"
+    );
+    cluster.invariants.assert_held();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_errors_are_conditions_not_crash_loops() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    cluster.cloud.inject(
+        Operation::RunInstances,
+        stratos::cloud::fake::Fault::InsufficientCapacity,
+        2,
+    );
+    let _operator = cluster.start_operator();
+    cluster.apply_yaml(QUICKSTART).await;
+    cluster
+        .wait_for(
+            "Degraded InsufficientCapacity",
+            Duration::from_secs(10),
+            || async {
+                let s = pool_status(&cluster, "workers").await?;
+                s.conditions
+                    .iter()
+                    .any(|c| {
+                        c.type_ == "Degraded"
+                            && c.reason == "InsufficientCapacity"
+                            && c.status == "True"
+                    })
+                    .then_some(())
+            },
+        )
+        .await;
+    wait_standby(&cluster, "workers", 3, 3).await;
+    let s = pool_status(&cluster, "workers").await.unwrap();
+    assert!(
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Degraded" && c.status == "False")
+    );
+    let _ = Api::<NodePool>::all(cluster.client.clone())
+        .patch(
+            "workers",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}})),
+        )
+        .await;
+    cluster.invariants.assert_held();
+}
