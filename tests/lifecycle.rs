@@ -514,6 +514,36 @@ async fn cloud_errors_are_conditions_not_crash_loops() {
             .iter()
             .any(|c| c.type_ == "Degraded" && c.status == "False")
     );
+    // The listing fails for a while: Degraded with CloudError, counts kept, then recovery.
+    cluster.cloud.inject(
+        Operation::DescribeInstances,
+        stratos::cloud::fake::Fault::ApiError("InternalError: EC2 is having a bad day".into()),
+        3,
+    );
+    cluster
+        .wait_for("Degraded CloudError", Duration::from_secs(10), || async {
+            let s = pool_status(&cluster, "workers").await?;
+            let c = s.conditions.iter().find(|c| c.type_ == "Degraded")?;
+            (c.reason == "CloudError"
+                && c.status == "True"
+                && c.message.contains("bad day")
+                && s.standby == 3)
+                .then_some(())
+        })
+        .await;
+    cluster
+        .wait_for(
+            "Degraded cleared after the listing recovers",
+            Duration::from_secs(20),
+            || async {
+                let s = pool_status(&cluster, "workers").await?;
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Degraded" && c.status == "False")
+                    .then_some(())
+            },
+        )
+        .await;
     let _ = Api::<NodePool>::all(cluster.client.clone())
         .patch(
             "workers",

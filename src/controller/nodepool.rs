@@ -294,7 +294,30 @@ async fn gather(pool: &NodePool, ctx: &Context, deleting: bool) -> Result<Gather
 
 async fn reconcile_pool(pool: &NodePool, ctx: &Context, deleting: bool) -> Result<Requeue, Error> {
     let name = pool.name_any();
-    let gathered = gather(pool, ctx, deleting).await?;
+    let gathered = match gather(pool, ctx, deleting).await {
+        Ok(g) => g,
+        Err(Error::Cloud(e)) if !deleting => {
+            // Without a listing nothing can be decided; say so in the status, keeping the
+            // last known counts, and retry with backoff.
+            let existing = pool.status.clone().unwrap_or_default();
+            let plan = Plan {
+                counts: plan::Counts {
+                    warmup: existing.warmup.max(0) as usize,
+                    standby: existing.standby.max(0) as usize,
+                    starting: existing.starting.max(0) as usize,
+                    running: existing.running.max(0) as usize,
+                    draining: existing.draining.max(0) as usize,
+                    total: existing.total.max(0) as usize,
+                },
+                ..Default::default()
+            };
+            let error = Error::Cloud(e);
+            let class_found = class_of(&pool.spec, ctx).is_some();
+            write_status(pool, ctx, &plan, class_found, std::slice::from_ref(&error)).await?;
+            return Err(error);
+        }
+        Err(e) => return Err(e),
+    };
     let plan = plan::plan_pool(&gathered.snapshot);
     let mut errors = execute(pool, ctx, &gathered, &plan).await;
     if !deleting {
