@@ -195,7 +195,7 @@ async fn fills_a_pool_to_min_standby() {
         .unwrap();
     assert_eq!(class.node_pools, vec!["workers"]);
     assert_eq!(class.subnets[0].zone, "us-east-1a");
-    cluster.invariants.assert_held();
+    cluster.invariants.assert_held().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,7 +220,7 @@ async fn a_self_stopped_instance_completes_warmup() {
         "the instances stopped themselves"
     );
     assert_eq!(launched(&cluster), 3);
-    cluster.invariants.assert_held();
+    cluster.invariants.assert_held().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,7 +265,7 @@ async fn a_missed_warmup_deadline_terminates_or_stops() {
             assert_eq!(inst.tag(tags::STATE), Some("standby"));
             assert_eq!(launched(&cluster), 1);
         }
-        cluster.invariants.assert_held();
+        cluster.invariants.assert_held().await;
     }
 }
 
@@ -300,7 +300,7 @@ async fn lowering_pool_size_trims_standby_nodes() {
         })
         .await;
     drop(nodes);
-    cluster.invariants.assert_held();
+    cluster.invariants.assert_held().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,7 +337,7 @@ async fn changing_the_ami_replaces_standby_nodes() {
         .filter_map(|i| i.tag(tags::NODECLASS_HASH).map(str::to_owned))
         .collect();
     assert_eq!(hashes.len(), 1);
-    cluster.invariants.assert_held();
+    cluster.invariants.assert_held().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,7 +382,7 @@ async fn deleting_the_pool_leaves_nothing_behind() {
                 .then_some(())
         })
         .await;
-    cluster.invariants.assert_held();
+    cluster.invariants.assert_held().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,7 +447,7 @@ async fn a_missing_node_class_degrades_the_pool_until_it_exists() {
         )
         .await;
     assert_eq!(status, "False");
-    cluster.invariants.assert_held();
+    cluster.invariants.assert_held().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -477,7 +477,7 @@ async fn a_restart_mid_warmup_launches_nothing_extra() {
         3,
         "the restarted operator launched nothing extra"
     );
-    cluster.invariants.assert_held();
+    cluster.invariants.assert_held().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -551,5 +551,129 @@ async fn cloud_errors_are_conditions_not_crash_loops() {
             &Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}})),
         )
         .await;
-    cluster.invariants.assert_held();
+    cluster.invariants.assert_held().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_to_pull_are_pulled_during_warmup() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    let _operator = cluster.start_operator();
+    cluster.apply_yaml(class_doc()).await;
+    let pool = pool_doc().replace(
+        "minStandby: 3",
+        "minStandby: 1\n  preWarm:\n    imagesToPull:\n      - \"my-registry.com/llama-3:70b\"",
+    );
+    cluster.apply_yaml(&pool).await;
+    wait_standby(&cluster, "workers", 1, 1).await;
+    let inst = &pool_instances(&cluster, "workers")[0];
+    let node = Api::<Node>::all(cluster.client.clone())
+        .get(inst.private_dns_name.as_deref().unwrap())
+        .await
+        .unwrap();
+    let images: Vec<String> = node
+        .status
+        .unwrap()
+        .images
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|i| i.names.unwrap_or_default())
+        .collect();
+    assert!(
+        images.contains(&"my-registry.com/llama-3:70b".to_owned()),
+        "the model image is on disk: {images:?}"
+    );
+    let pod = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(cluster.client.clone(), "default")
+        .get(&format!("stratos-prepull-{}", node.metadata.name.unwrap()))
+        .await
+        .unwrap();
+    let spec = pod.spec.unwrap();
+    let init = spec.init_containers.unwrap();
+    assert_eq!(
+        init[0].command.as_deref(),
+        Some(
+            &[
+                "/stratos".to_owned(),
+                "install-noop".to_owned(),
+                "/stratos-bin/noop".to_owned()
+            ][..]
+        )
+    );
+    assert_eq!(
+        init[1].image.as_deref(),
+        Some("my-registry.com/llama-3:70b")
+    );
+    assert_eq!(
+        init[1].command.as_deref(),
+        Some(&["/stratos-bin/noop".to_owned()][..]),
+        "no shell needed in the pulled image"
+    );
+    assert_eq!(init[1].image_pull_policy.as_deref(), Some("IfNotPresent"));
+    assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+    assert_eq!(pod.status.unwrap().phase.as_deref(), Some("Succeeded"));
+    cluster.invariants.assert_held().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_of_vanished_pools_and_nodes_of_gone_instances_are_collected() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    let _operator = cluster.start_operator();
+    cluster.apply_yaml(QUICKSTART).await;
+    wait_standby(&cluster, "workers", 3, 3).await;
+    // An instance of this cluster whose pool no longer exists (its finalizer was forced off).
+    let tags_of = |pool: &str| {
+        [(tags::CLUSTER, "e2e"), (tags::POOL, pool)]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    };
+    let orphan = cluster
+        .cloud
+        .insert_foreign_instance(tags_of("ghost"), InstanceState::Stopped);
+    // Another cluster's instance with the same pool name is not ours to touch.
+    let mut foreign_tags: std::collections::BTreeMap<String, String> = tags_of("ghost");
+    foreign_tags.insert(tags::CLUSTER.into(), "other".into());
+    let foreign = cluster
+        .cloud
+        .insert_foreign_instance(foreign_tags, InstanceState::Stopped);
+    cluster
+        .wait_for("the orphan terminated", Duration::from_secs(20), || async {
+            cluster
+                .cloud
+                .instance(&orphan)
+                .is_none_or(|i| !i.state.is_live())
+                .then_some(())
+        })
+        .await;
+    assert_eq!(
+        cluster.cloud.instance(&foreign).unwrap().state,
+        InstanceState::Stopped
+    );
+
+    // A pool node whose instance vanished from EC2 is deleted.
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    let ghost: Node = serde_json::from_value(json!({
+        "metadata": {"name": "ip-10-99-0-1.ec2.internal", "labels": {"stratos.sh/pool": "workers"}},
+        "spec": {"providerID": "aws:///us-east-1a/i-0000000000dead01"}
+    }))
+    .unwrap();
+    nodes.create(&Default::default(), &ghost).await.unwrap();
+    cluster
+        .wait_for(
+            "the node of the gone instance deleted",
+            Duration::from_secs(30),
+            || async {
+                nodes
+                    .get_opt("ip-10-99-0-1.ec2.internal")
+                    .await
+                    .ok()?
+                    .is_none()
+                    .then_some(())
+            },
+        )
+        .await;
+    assert_eq!(
+        pool_instances(&cluster, "workers").len(),
+        3,
+        "the pool itself is untouched"
+    );
 }

@@ -1,7 +1,7 @@
 //! Garbage collection (SPEC §5.7): instances with this cluster's tag whose NodePool no longer
 //! exists, and Nodes of a pool whose instance is gone.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc};
 
 use k8s_openapi::api::core::v1::Node;
 use kube::{Api, ResourceExt, api::DeleteParams, runtime::reflector::Store};
@@ -12,18 +12,16 @@ use crate::{
     cloud::{InstanceState, parse_provider_id, tags},
 };
 
-/// A Node whose instance is absent from a listing is only deleted once it is older than
-/// this: a node may register from an instance launched after the listing was taken.
-const NODE_GRACE: Duration = Duration::from_secs(120);
-
 pub async fn run(ctx: Arc<Context>, pools: Store<NodePool>, shutdown: impl Future<Output = ()>) {
     let mut shutdown = std::pin::pin!(shutdown);
+    tracing::debug!("garbage collection waits for the pool cache");
     let _ = pools.wait_until_ready().await;
+    tracing::debug!("garbage collection started");
     loop {
         collect(&ctx, &pools).await;
         tokio::select! {
             _ = &mut shutdown => return,
-            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            _ = tokio::time::sleep(ctx.config.gc_interval) => {}
         }
     }
 }
@@ -80,7 +78,7 @@ pub async fn collect(ctx: &Context, pools: &Store<NodePool>) {
                         .duration_since(c)
                         .ok()
                 });
-                age_at_listing.is_some_and(|a| a > NODE_GRACE)
+                age_at_listing.is_some_and(|a| a > ctx.config.node_gc_grace)
             }
         };
         if gone {

@@ -48,6 +48,11 @@ pub struct OperatorConfig {
     pub resync: Duration,
     /// How long one instance listing is shared.
     pub listing_ttl: Duration,
+    /// How often orphaned instances and nodes are collected.
+    pub gc_interval: Duration,
+    /// A node whose instance is missing from a listing is deleted only when it is older than
+    /// this: it may have registered from an instance launched after the listing.
+    pub node_gc_grace: Duration,
 }
 
 impl OperatorConfig {
@@ -58,6 +63,8 @@ impl OperatorConfig {
             prepull_image: format!("ghcr.io/stratos-sh/stratos:{}", crate::config::VERSION),
             resync: Duration::from_secs(15),
             listing_ttl: Duration::from_secs(2),
+            gc_interval: Duration::from_secs(30),
+            node_gc_grace: Duration::from_secs(120),
         }
     }
 }
@@ -193,14 +200,19 @@ pub async fn run(
     let (pods, pods_task) = shared_store::<Pod>(&client, notify.clone());
     let (daemonsets, ds_task) = shared_store::<DaemonSet>(&client, notify.clone());
     let (classes, classes_task) = shared_store::<AWSNodeClass>(&client, notify.clone());
+    // Our own NodePool cache for GC and the class controller: the readiness of the pool
+    // controller's internal store was never signalled in testing (kube-runtime 5.0).
+    let (pool_store, pools_task) =
+        shared_store::<crate::api::NodePool>(&client, Arc::new(Notify::new()));
     let background = tokio::spawn(async move {
-        tokio::join!(nodes_task, pods_task, ds_task, classes_task);
+        tokio::join!(nodes_task, pods_task, ds_task, classes_task, pools_task);
     });
     let _ = tokio::join!(
         nodes.wait_until_ready(),
         pods.wait_until_ready(),
         daemonsets.wait_until_ready(),
-        classes.wait_until_ready()
+        classes.wait_until_ready(),
+        pool_store.wait_until_ready()
     );
 
     let reporter = Reporter {
@@ -231,7 +243,6 @@ pub async fn run(
         rx.map(|_| ())
     };
     let pools = nodepool::controller(ctx.clone(), notify.clone(), stop_signal());
-    let pool_store = pools.store.clone();
     let classes = nodeclass::controller(ctx.clone(), pool_store.clone(), stop_signal());
     let gc = tokio::spawn(gc::run(ctx.clone(), pool_store, stop_signal()));
     let stopper = tokio::spawn(async move {

@@ -21,7 +21,7 @@ use kube::{
         Controller,
         controller::Action as Requeue,
         finalizer::{Event as FinalizerEvent, finalizer},
-        reflector::{ObjectRef, Store},
+        reflector::ObjectRef,
         watcher,
     },
 };
@@ -57,7 +57,6 @@ const WARMUP_RESULTS: [&str; 4] = [
 ];
 
 pub struct PoolController {
-    pub store: Store<NodePool>,
     pub run: BoxFuture<'static, ()>,
 }
 
@@ -70,7 +69,6 @@ pub fn controller(
     let controller = Controller::new(api, watcher::Config::default()).with_config(
         kube::runtime::controller::Config::default().debounce(Duration::from_millis(100)),
     );
-    let store = controller.store();
     // Any change of a node, pod, DaemonSet or class may change what a pool needs.
     let trigger = futures::stream::unfold(notify, |n| async move {
         n.notified().await;
@@ -82,10 +80,7 @@ pub fn controller(
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {});
-    PoolController {
-        store,
-        run: Box::pin(run),
-    }
+    PoolController { run: Box::pin(run) }
 }
 
 fn error_policy(pool: Arc<NodePool>, error: &Error, ctx: Arc<Context>) -> Requeue {

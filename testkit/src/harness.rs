@@ -128,7 +128,9 @@ impl TestCluster {
         cloud.add_security_group("sg-12345678");
         cloud.add_image("ami-0123456789abcdef0");
         let kubelet = KubeletSim::start(client.clone(), cloud.clone(), options.kubelet.clone());
-        let invariants = Invariants::start(client.clone(), &cloud, &options.cluster_name).await;
+        let probe = server.as_ref().map(|s| s.resource_version_probe());
+        let invariants =
+            Invariants::start(client.clone(), &cloud, &options.cluster_name, probe).await;
         TestCluster {
             server,
             client,
@@ -154,6 +156,8 @@ impl TestCluster {
         config.prepull_image = "stratos:e2e".into();
         config.resync = Duration::from_secs(2);
         config.listing_ttl = Duration::from_millis(300);
+        config.gc_interval = Duration::from_secs(1);
+        config.node_gc_grace = Duration::from_secs(5);
         let cloud: Arc<dyn CloudProvider> = self.cloud.clone();
         let task = tokio::spawn(stratos::controller::run(
             self.client.clone(),

@@ -32,8 +32,22 @@ use stratos::{
 };
 use tokio::task::JoinHandle;
 
+/// A stop that found a workload pod in the (possibly lagging) cache; confirmed later.
+#[derive(Debug, Clone)]
+struct Suspect {
+    message: String,
+    namespace: String,
+    pod: String,
+    /// The API server's resourceVersion when the stop was issued.
+    stop_rv: u64,
+}
+
+/// Reads the API server's current resourceVersion synchronously (embedded server only).
+pub type ResourceVersionProbe = Arc<dyn Fn() -> u64 + Send + Sync>;
+
 pub struct Invariants {
     violations: Arc<Mutex<Vec<String>>>,
+    suspects: Arc<Mutex<Vec<Suspect>>>,
     tasks: Vec<JoinHandle<()>>,
     nodes: Store<Node>,
     pools: Store<NodePool>,
@@ -86,7 +100,12 @@ pub fn blocks_stop(pod: &Pod) -> bool {
 }
 
 impl Invariants {
-    pub async fn start(client: Client, cloud: &FakeCloud, cluster: &str) -> Invariants {
+    pub async fn start(
+        client: Client,
+        cloud: &FakeCloud,
+        cluster: &str,
+        probe: Option<ResourceVersionProbe>,
+    ) -> Invariants {
         let (pools, t1) = store(Api::<NodePool>::all(client.clone()));
         let (nodes, t2) = store(Api::<Node>::all(client.clone()));
         let (pods, t3) = store(Api::<Pod>::all(client.clone()));
@@ -96,6 +115,8 @@ impl Invariants {
             pods.wait_until_ready()
         );
         let violations: Arc<Mutex<Vec<String>>> = Arc::default();
+        let suspects: Arc<Mutex<Vec<Suspect>>> = Arc::default();
+        let (suspected, rv_probe) = (suspects.clone(), probe.clone());
         let cluster = cluster.to_owned();
         let (v, node_store, pool_store) = (violations.clone(), nodes.clone(), pools.clone());
         cloud.set_observer(Arc::new(move |call| {
@@ -136,12 +157,22 @@ impl Invariants {
                                 for pod in pods.state() {
                                     let on_node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str());
                                     if on_node && blocks_stop(&pod) {
-                                        found.push(format!(
+                                        let message = format!(
                                             "I3: stopping {} while its node {name} runs {}/{} (not evicted)",
                                             inst.id,
                                             pod.namespace().unwrap_or_default(),
                                             pod.name_any()
-                                        ));
+                                        );
+                                        match &rv_probe {
+                                            // The cache may lag: confirm against the server.
+                                            Some(probe) => suspected.lock().unwrap().push(Suspect {
+                                                message,
+                                                namespace: pod.namespace().unwrap_or_default(),
+                                                pod: pod.name_any(),
+                                                stop_rv: probe(),
+                                            }),
+                                            None => found.push(message),
+                                        }
                                     }
                                 }
                             }
@@ -182,9 +213,40 @@ impl Invariants {
                 }
             }
         });
+        let (v, verify_client, queue) = (violations.clone(), client.clone(), suspects.clone());
+        let t5 = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                let pending: Vec<Suspect> = queue.lock().unwrap().clone();
+                for s in pending {
+                    let api: Api<Pod> = Api::namespaced(verify_client.clone(), &s.namespace);
+                    let confirmed = match api.get_opt(&s.pod).await {
+                        // Gone: deleted around the stop (the kubelet confirms evictions).
+                        Ok(None) => false,
+                        Ok(Some(pod)) => {
+                            let rv: u64 = pod
+                                .resource_version()
+                                .and_then(|r| r.parse().ok())
+                                .unwrap_or(u64::MAX);
+                            // Still a workload, or it only stopped being one after the stop.
+                            blocks_stop(&pod) || rv > s.stop_rv
+                        }
+                        Err(_) => continue,
+                    };
+                    if confirmed {
+                        v.lock().unwrap().push(s.message.clone());
+                    }
+                    queue
+                        .lock()
+                        .unwrap()
+                        .retain(|q| q.message != s.message || q.stop_rv != s.stop_rv);
+                }
+            }
+        });
         Invariants {
             violations,
-            tasks: vec![t1, t2, t3, t4],
+            suspects,
+            tasks: vec![t1, t2, t3, t4, t5],
             nodes,
             pools,
             foreign,
@@ -217,7 +279,18 @@ impl Invariants {
     }
 
     /// Fails with every violation seen so far.
-    pub fn assert_held(&self) {
+    /// Waits until suspected violations are confirmed or cleared.
+    pub async fn settle(&self) {
+        for _ in 0..100 {
+            if self.suspects.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn assert_held(&self) {
+        self.settle().await;
         let v = self.violations();
         assert!(
             v.is_empty(),

@@ -95,7 +95,7 @@ async fn a_clean_run_holds_the_invariants() {
         println!("{table}");
         assert!(table.contains("STANDBY"), "{table}");
     }
-    cluster.invariants.assert_held();
+    cluster.invariants.assert_held().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,6 +148,7 @@ async fn each_violation_is_caught() {
         .stop_instances(std::slice::from_ref(&id))
         .await;
 
+    cluster.invariants.settle().await;
     let violations = cluster.invariants.violations();
     let has = |prefix: &str| violations.iter().any(|v| v.starts_with(prefix));
     assert!(

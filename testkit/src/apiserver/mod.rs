@@ -229,6 +229,12 @@ impl ApiServer {
         self.shared.store.lock().unwrap().resource_version()
     }
 
+    /// A synchronous reader of the current resourceVersion (for the invariant checks).
+    pub fn resource_version_probe(&self) -> crate::invariants::ResourceVersionProbe {
+        let shared = self.shared.clone();
+        Arc::new(move || shared.store.lock().unwrap().resource_version())
+    }
+
     /// Every request served so far.
     pub fn audit(&self) -> Vec<AuditEntry> {
         self.shared.audit.lock().unwrap().clone()
