@@ -346,6 +346,20 @@ async fn deleting_the_pool_leaves_nothing_behind() {
     let _operator = cluster.start_operator();
     cluster.apply_yaml(QUICKSTART).await;
     wait_standby(&cluster, "workers", 3, 3).await;
+    // The class is in use: deleting it waits for the pool.
+    let classes: Api<AWSNodeClass> = Api::all(cluster.client.clone());
+    classes
+        .delete("workers", &DeleteParams::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = classes.get("workers").await.unwrap();
+    assert!(held.metadata.deletion_timestamp.is_some());
+    assert_eq!(
+        held.status.unwrap().node_pools,
+        vec!["workers"],
+        "the status names the pools holding it"
+    );
     let pools: Api<NodePool> = Api::all(cluster.client.clone());
     pools
         .delete("workers", &DeleteParams::default())
@@ -366,12 +380,7 @@ async fn deleting_the_pool_leaves_nothing_behind() {
             },
         )
         .await;
-    // The class is free to go now.
-    let classes: Api<AWSNodeClass> = Api::all(cluster.client.clone());
-    classes
-        .delete("workers", &DeleteParams::default())
-        .await
-        .unwrap();
+    // Once the pool is gone, the class goes too.
     cluster
         .wait_for("the class deleted", Duration::from_secs(10), || async {
             classes
