@@ -4,6 +4,7 @@
 //! [`plan::plan_pool`], and execute the returned actions.
 
 pub mod plan;
+pub mod scaleup;
 pub mod scheduling;
 pub mod state;
 
