@@ -686,3 +686,66 @@ async fn instances_of_vanished_pools_and_nodes_of_gone_instances_are_collected()
         "the pool itself is untouched"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_starts_the_bin_packed_number_of_standby_nodes_in_one_call() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    let _operator = cluster.start_operator();
+    cluster.apply_yaml(QUICKSTART).await;
+    wait_standby(&cluster, "workers", 3, 3).await;
+    let starts_before = cluster.cloud.call_count(Operation::StartInstances);
+    // m5.large nodes have 1920m allocatable: two 900m pods per node, so three nodes.
+    for i in 0..6 {
+        cluster
+            .apply_yaml(&format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: job-{i}\n  namespace: default\nspec:\n  nodeSelector:\n    stratos.sh/pool: workers\n  containers:\n    - name: c\n      image: runner:1\n      resources:\n        requests:\n          cpu: 900m\n"
+            ))
+            .await;
+    }
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::default_namespaced(cluster.client.clone());
+    cluster
+        .wait_for("every job running", Duration::from_secs(30), || async {
+            let list = pods.list(&ListParams::default()).await.ok()?;
+            let running = list
+                .items
+                .iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .count();
+            (running == 6).then_some(())
+        })
+        .await;
+    let starts: Vec<_> = cluster
+        .cloud
+        .calls()
+        .into_iter()
+        .filter(|c| c.operation == Operation::StartInstances)
+        .skip(starts_before)
+        .collect();
+    println!(
+        "StartInstances calls: {}, nodes started: {:?}",
+        starts.len(),
+        starts.iter().map(|c| c.ids.len()).collect::<Vec<_>>()
+    );
+    assert_eq!(starts.len(), 1, "one StartInstances call for the burst");
+    assert_eq!(
+        starts[0].ids.len(),
+        3,
+        "exactly the bin-packed number of nodes"
+    );
+    let status = pool_status(&cluster, "workers").await.unwrap();
+    let last = status.last_scale_up.expect("lastScaleUp recorded");
+    assert_eq!((last.nodes, last.pods), (3, 6));
+    cluster
+        .wait_for(
+            "running nodes counted and standby replenished",
+            Duration::from_secs(30),
+            || async {
+                let s = pool_status(&cluster, "workers").await?;
+                (s.running == 3 && s.standby == 3).then_some(())
+            },
+        )
+        .await;
+    print_pools(&cluster);
+    cluster.invariants.assert_held().await;
+}

@@ -7,6 +7,7 @@ pub mod gc;
 pub mod instances;
 pub mod nodeclass;
 pub mod nodepool;
+pub mod pending;
 
 use std::{
     collections::HashMap,
@@ -244,7 +245,8 @@ pub async fn run(
     };
     let pools = nodepool::controller(ctx.clone(), notify.clone(), stop_signal());
     let classes = nodeclass::controller(ctx.clone(), pool_store.clone(), stop_signal());
-    let gc = tokio::spawn(gc::run(ctx.clone(), pool_store, stop_signal()));
+    let gc = tokio::spawn(gc::run(ctx.clone(), pool_store.clone(), stop_signal()));
+    let scale_up = tokio::spawn(pending::run(ctx.clone(), pool_store, stop_signal()));
     let stopper = tokio::spawn(async move {
         shutdown.await;
         for tx in stops {
@@ -253,6 +255,7 @@ pub async fn run(
     });
     tokio::join!(pools.run, classes);
     let _ = gc.await;
+    let _ = scale_up.await;
     stopper.abort();
     background.abort();
 }

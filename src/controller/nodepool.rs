@@ -316,7 +316,7 @@ async fn reconcile_pool(pool: &NodePool, ctx: &Context, deleting: bool) -> Resul
     let plan = plan::plan_pool(&gathered.snapshot);
     let mut errors = execute(pool, ctx, &gathered, &plan).await;
     if !deleting {
-        errors.extend(converge_nodes(pool, ctx, &gathered).await);
+        errors.extend(converge_nodes(pool, ctx, &gathered, &plan).await);
     }
     let counts = &plan.counts;
     let by_state: Vec<(&str, i64)> = NodeState::ALL
@@ -603,6 +603,24 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
         }
     }
 
+    let restarts: Vec<String> = plan
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Start { instance } => Some(instance.clone()),
+            _ => None,
+        })
+        .collect();
+    if !restarts.is_empty() {
+        let outcome = ctx.cloud.start_instances(&restarts).await;
+        changed_cloud = true;
+        tracing::info!(pool = %name, instances = ?restarts, "start (re-)issued for nodes marked starting");
+        for (id, e) in &outcome.failed {
+            tracing::warn!(pool = %name, instance = %id, error = %e, "start failed");
+            errors.push(Error::Cloud(e.clone()));
+        }
+    }
+
     for action in &plan.actions {
         match action {
             Action::CreatePrePullPod { node } => {
@@ -677,15 +695,32 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
 }
 
 /// Keeps member nodes' labels and startup taints as the pool wants them.
-async fn converge_nodes(pool: &NodePool, ctx: &Context, g: &Gathered) -> Vec<Error> {
+async fn converge_nodes(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> Vec<Error> {
     let mut errors = Vec::new();
     let startup = startup_taint_keys(pool);
-    for m in &g.snapshot.members {
+    // Members the plan acted on this round were just patched from this same snapshot.
+    let acted: Vec<&str> = plan
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::EnterStandby { instance, .. }
+            | Action::Terminate { instance, .. }
+            | Action::Drain { instance, .. }
+            | Action::Start { instance } => Some(instance.as_str()),
+            _ => None,
+        })
+        .collect();
+    for m in g
+        .snapshot
+        .members
+        .iter()
+        .filter(|m| !acted.contains(&m.id()))
+    {
         let (Some(node), Some(view)) = (g.nodes.get(m.id()), &m.node) else {
             continue;
         };
         let state = match m.phase() {
-            Phase::Warming | Phase::WarmReady => NodeState::Warmup,
+            Phase::Warming => NodeState::Warmup,
             Phase::Starting => NodeState::Starting,
             Phase::Running => NodeState::Running,
             _ => continue,
@@ -715,10 +750,15 @@ async fn converge_nodes(pool: &NodePool, ctx: &Context, g: &Gathered) -> Vec<Err
                 .filter(|t| !startup.contains(&t.key))
                 .collect();
             patch["spec"] = json!({"taints": kept});
-            tracing::info!(pool = %pool.name_any(), node = %view.name, "startup taints removed");
         }
-        if let Err(e) = patch_node(ctx, node, patch).await {
-            errors.push(e);
+        match patch_node(ctx, node, patch).await {
+            Ok(()) if remove_startup => {
+                tracing::info!(pool = %pool.name_any(), node = %view.name, "startup taints removed")
+            }
+            Ok(()) => {}
+            // Someone changed the node meanwhile: the next round works from the new copy.
+            Err(Error::Kube(kube::Error::Api(s))) if s.code == 409 => {}
+            Err(e) => errors.push(e),
         }
     }
     errors
@@ -877,7 +917,8 @@ async fn write_status(
         draining: c.draining as i32,
         total: c.total as i32,
         conditions,
-        last_scale_up: existing.last_scale_up.clone(),
+        // Owned by the scale-up path's own field manager.
+        last_scale_up: None,
     };
     let was_degraded = existing
         .conditions

@@ -94,6 +94,8 @@ pub enum Action {
         node: Option<String>,
         reason: StandbyReason,
     },
+    /// (Re-)issue the start of an instance whose node is marked `starting`.
+    Start { instance: String },
     /// Evict a node's workload before the pool's deletion terminates it.
     Drain { instance: String, node: String },
     /// Terminate the instance and delete its Node.
@@ -230,6 +232,9 @@ pub fn plan_pool(snap: &PoolSnapshot) -> Plan {
             Phase::WarmReady => plan.actions.push(standby(StandbyReason::WarmupComplete)),
             Phase::SelfStopped => plan.actions.push(standby(StandbyReason::SelfStopped)),
             Phase::StandbyButRunning => plan.actions.push(standby(StandbyReason::Resume)),
+            Phase::StartPending => plan.actions.push(Action::Start {
+                instance: m.id().into(),
+            }),
             Phase::StoppedUnexpectedly => plan
                 .actions
                 .push(standby(StandbyReason::StoppedUnexpectedly)),
@@ -477,6 +482,7 @@ mod tests {
                     instance, reason, ..
                 } => format!("standby {instance} {reason:?}"),
                 Action::Drain { instance, .. } => format!("drain {instance}"),
+                Action::Start { instance } => format!("start {instance}"),
                 Action::Terminate {
                     instance, reason, ..
                 } => format!("terminate {instance} {}", reason.as_str()),
@@ -707,6 +713,24 @@ mod tests {
                     1,
                 ),
                 vec![],
+            ),
+            (
+                "a start marked on the node but not issued yet is (re-)issued, not undone",
+                snapshot(
+                    vec![member(
+                        instance("a", Stopped, "standby", "h1", 60),
+                        Some(node(
+                            "a",
+                            Some(NodeState::Starting),
+                            false,
+                            (0, 0),
+                            PrePull::NotNeeded,
+                        )),
+                    )],
+                    10,
+                    0,
+                ),
+                vec!["start a"],
             ),
         ];
         for (what, snap, expected) in cases {

@@ -111,6 +111,9 @@ pub enum Phase {
     StandbyButRunning,
     /// Start issued, node not Ready yet.
     Starting,
+    /// Starting intent, instance still stopped: the start is yet to be issued (or to show
+    /// in a listing); issuing it again is harmless.
+    StartPending,
     Running,
     Draining,
     /// Running, starting or draining intent, but the instance stopped.
@@ -159,9 +162,8 @@ impl Member {
                     Phase::StandbyButRunning
                 }
             }
-            NodeState::Starting | NodeState::Running | NodeState::Draining if stopped => {
-                Phase::StoppedUnexpectedly
-            }
+            NodeState::Starting if stopped => Phase::StartPending,
+            NodeState::Running | NodeState::Draining if stopped => Phase::StoppedUnexpectedly,
             NodeState::Starting => {
                 if self.node.as_ref().is_some_and(|n| n.ready) {
                     Phase::Running
@@ -189,7 +191,7 @@ impl Phase {
             | Self::Standby
             | Self::StandbyButRunning
             | Self::StoppedUnexpectedly => Some(NodeState::Standby),
-            Self::Starting => Some(NodeState::Starting),
+            Self::Starting | Self::StartPending => Some(NodeState::Starting),
             Self::Running => Some(NodeState::Running),
             Self::Draining => Some(NodeState::Draining),
             Self::Gone => None,

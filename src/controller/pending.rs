@@ -1,0 +1,402 @@
+//! Scale-up (SPEC §6): collects unschedulable pods in a short batch window, asks
+//! `pool::scaleup` which standby nodes to start, and starts them: node marked `starting`
+//! (uncordoned, standby taint removed) first, then one StartInstances per pool.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::{
+    Api, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::reflector::Store,
+};
+use serde_json::json;
+
+use super::{Context, nodepool::STANDBY_TAINT};
+use crate::{
+    api::{NodePool, nodepool::STATE_LABEL},
+    cloud::{parse_provider_id, tags},
+    pool::{
+        scaleup::{CandidateNode, PendingPod, PoolCandidate, Resources, plan_scale_up},
+        state::NodeState,
+    },
+};
+
+const IDLE: Duration = Duration::from_millis(100);
+const MAX_WAIT: Duration = Duration::from_secs(1);
+
+fn quantity(q: &str) -> f64 {
+    let q = q.trim();
+    let units: [(&str, f64); 10] = [
+        ("Ki", 1024.0),
+        ("Mi", 1048576.0),
+        ("Gi", 1073741824.0),
+        ("Ti", 1099511627776.0),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("n", 1e-9),
+    ];
+    for (u, f) in units {
+        if let Some(n) = q.strip_suffix(u) {
+            return n.parse::<f64>().unwrap_or(0.0) * f;
+        }
+    }
+    q.parse().unwrap_or(0.0)
+}
+
+/// The scheduler's view of a pod's requests (SPEC §6).
+pub fn pod_requests(pod: &Pod) -> Resources {
+    let mut sum = Resources::new();
+    let Some(spec) = &pod.spec else { return sum };
+    let of = |c: &k8s_openapi::api::core::v1::Container| -> Resources {
+        c.resources
+            .as_ref()
+            .and_then(|r| r.requests.as_ref())
+            .map(|r| r.iter().map(|(k, v)| (k.clone(), quantity(&v.0))).collect())
+            .unwrap_or_default()
+    };
+    for c in &spec.containers {
+        for (k, v) in of(c) {
+            *sum.entry(k).or_default() += v;
+        }
+    }
+    for c in spec.init_containers.iter().flatten() {
+        for (k, v) in of(c) {
+            let e = sum.entry(k).or_default();
+            *e = e.max(v);
+        }
+    }
+    for (k, v) in spec.overhead.iter().flatten() {
+        *sum.entry(k.clone()).or_default() += quantity(&v.0);
+    }
+    *sum.entry("pods".into()).or_default() += 1.0;
+    sum
+}
+
+/// Unschedulable, unbound, not being deleted.
+pub fn is_pending_unschedulable(pod: &Pod) -> bool {
+    let unbound = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .is_none_or(str::is_empty);
+    let pending = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending");
+    let unschedulable = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| {
+            c.iter().any(|c| {
+                c.type_ == "PodScheduled"
+                    && c.status == "False"
+                    && c.reason.as_deref() == Some("Unschedulable")
+            })
+        });
+    unbound && pending && unschedulable && pod.metadata.deletion_timestamp.is_none()
+}
+
+fn pending_pods(ctx: &Context) -> Vec<Arc<Pod>> {
+    ctx.stores
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| is_pending_unschedulable(p))
+        .collect()
+}
+
+pub async fn run(ctx: Arc<Context>, pools: Store<NodePool>, shutdown: impl Future<Output = ()>) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut reported: HashMap<String, Instant> = HashMap::new();
+    loop {
+        // Batch window: wait for the first pending pod, then until no new one arrives for
+        // IDLE (at most MAX_WAIT), so a burst becomes one decision.
+        let first_seen = loop {
+            if !pending_pods(&ctx).is_empty() {
+                break Instant::now();
+            }
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        };
+        let mut count = pending_pods(&ctx).len();
+        while first_seen.elapsed() < MAX_WAIT {
+            tokio::time::sleep(IDLE).await;
+            let now = pending_pods(&ctx).len();
+            if now == count {
+                break;
+            }
+            count = now;
+        }
+        scale_up_round(&ctx, &pools, &mut reported).await;
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+fn node_free(node: &Node, pods_on_node: &[Arc<Pod>]) -> Resources {
+    let mut free: Resources = node
+        .status
+        .as_ref()
+        .and_then(|s| s.allocatable.as_ref())
+        .map(|a| a.iter().map(|(k, v)| (k.clone(), quantity(&v.0))).collect())
+        .unwrap_or_default();
+    for pod in pods_on_node {
+        let finished = matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        );
+        if finished {
+            continue;
+        }
+        for (k, v) in pod_requests(pod) {
+            *free.entry(k).or_default() -= v;
+        }
+    }
+    free
+}
+
+async fn scale_up_round(
+    ctx: &Context,
+    pools: &Store<NodePool>,
+    reported: &mut HashMap<String, Instant>,
+) {
+    let pods = pending_pods(ctx);
+    if pods.is_empty() {
+        return;
+    }
+    let Ok((_, instances)) = ctx.instances.get().await else {
+        return;
+    };
+    let nodes_by_instance: HashMap<String, Arc<Node>> = ctx
+        .stores
+        .nodes
+        .state()
+        .into_iter()
+        .filter_map(|n| {
+            let id = n
+                .spec
+                .as_ref()?
+                .provider_id
+                .as_deref()
+                .and_then(parse_provider_id)?
+                .1
+                .to_owned();
+            Some((id, n))
+        })
+        .collect();
+    let mut pods_by_node: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
+    for pod in ctx.stores.pods.state() {
+        if let Some(n) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
+            pods_by_node.entry(n).or_default().push(pod);
+        }
+    }
+    let mut candidates = Vec::new();
+    for pool in pools
+        .state()
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+    {
+        let name = pool.name_any();
+        let mut candidate = PoolCandidate {
+            name: name.clone(),
+            taints: pool.spec.template.taints.clone(),
+            starting: vec![],
+            standby: vec![],
+        };
+        for inst in instances
+            .iter()
+            .filter(|i| i.tag(tags::POOL) == Some(name.as_str()) && i.state.is_live())
+        {
+            let Some(node) = nodes_by_instance.get(&inst.id) else {
+                continue;
+            };
+            let state = node
+                .labels()
+                .get(STATE_LABEL)
+                .and_then(|s| NodeState::parse(s));
+            let images: BTreeSet<String> = node
+                .status
+                .as_ref()
+                .and_then(|s| s.images.as_ref())
+                .map(|i| {
+                    i.iter()
+                        .flat_map(|i| i.names.clone().unwrap_or_default())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let on_node = pods_by_node
+                .get(&node.name_any())
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let cand = CandidateNode {
+                instance_id: inst.id.clone(),
+                node_name: node.name_any(),
+                zone: inst.zone.clone(),
+                labels: node.labels().clone(),
+                free: node_free(node, on_node),
+                images,
+                last_used: node
+                    .annotations()
+                    .get(LAST_USED_ANNOTATION)
+                    .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                    .map(SystemTime::from),
+            };
+            let stopped = matches!(
+                inst.state,
+                crate::cloud::InstanceState::Stopped | crate::cloud::InstanceState::Stopping
+            );
+            let ready = crate::pool::scheduling::node_ready(node);
+            match state {
+                Some(NodeState::Starting) => candidate.starting.push(cand),
+                Some(NodeState::Running) if !ready => candidate.starting.push(cand),
+                Some(NodeState::Standby) if stopped => candidate.standby.push(cand),
+                _ => {}
+            }
+        }
+        candidates.push(candidate);
+    }
+    let pending: Vec<PendingPod> = pods
+        .iter()
+        .map(|p| PendingPod {
+            key: format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()),
+            spec: p.spec.clone().unwrap_or_default(),
+            requests: pod_requests(p),
+            images: p
+                .spec
+                .iter()
+                .flat_map(|s| {
+                    s.init_containers
+                        .iter()
+                        .flatten()
+                        .chain(s.containers.iter())
+                })
+                .filter_map(|c| c.image.clone())
+                .collect(),
+        })
+        .collect();
+    let decision = plan_scale_up(&pending, &candidates);
+    let mut started_any = false;
+    for scale in &decision.pools {
+        if scale.start.is_empty() {
+            continue;
+        }
+        let Some(pool) = pools
+            .state()
+            .into_iter()
+            .find(|p| p.name_any() == scale.pool)
+        else {
+            continue;
+        };
+        let mut ids = Vec::new();
+        for id in &scale.start {
+            let Some(node) = nodes_by_instance.get(id) else {
+                continue;
+            };
+            let taints: Vec<_> = node
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|t| t.key != STANDBY_TAINT)
+                .collect();
+            let patch = json!({
+                "metadata": {
+                    "resourceVersion": node.resource_version(),
+                    "labels": {STATE_LABEL: NodeState::Starting.as_str()},
+                    "annotations": {LAST_USED_ANNOTATION: jiff::Timestamp::now().to_string()},
+                },
+                "spec": {"unschedulable": null, "taints": taints},
+            });
+            let api: Api<Node> = Api::all(ctx.client.clone());
+            match api
+                .patch(
+                    &node.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+            {
+                Ok(_) => ids.push(id.clone()),
+                Err(e) => {
+                    tracing::warn!(pool = %scale.pool, node = %node.name_any(), error = %e, "could not mark the node starting")
+                }
+            }
+        }
+        if ids.is_empty() {
+            continue;
+        }
+        let outcome = ctx.cloud.start_instances(&ids).await;
+        started_any = true;
+        for (id, e) in &outcome.failed {
+            tracing::warn!(pool = %scale.pool, instance = %id, error = %e, "start failed");
+        }
+        let started = outcome.succeeded.len();
+        if !outcome.succeeded.is_empty() {
+            let tag = BTreeMap::from([(
+                tags::STATE.to_owned(),
+                NodeState::Starting.as_str().to_owned(),
+            )]);
+            let _ = ctx.cloud.set_tags(&outcome.succeeded, &tag).await;
+        }
+        tracing::info!(pool = %scale.pool, nodes = started, pods = scale.pods.len(), instances = ?outcome.succeeded, "scale-up: started standby nodes");
+        ctx.publish(
+            &*pool,
+            false,
+            "ScaleUp",
+            format!(
+                "started {started} standby node(s) for {} pending pod(s)",
+                scale.pods.len()
+            ),
+        )
+        .await;
+        let body = json!({
+            "apiVersion": "stratos.sh/v1alpha1", "kind": "NodePool",
+            "status": {"lastScaleUp": {"time": jiff::Timestamp::now().to_string(), "nodes": started, "pods": scale.pods.len()}},
+        });
+        let api: Api<NodePool> = Api::all(ctx.client.clone());
+        if let Err(e) = api
+            .patch_status(
+                &scale.pool,
+                &PatchParams::apply("stratos-scaleup").force(),
+                &Patch::Apply(&body),
+            )
+            .await
+        {
+            tracing::warn!(pool = %scale.pool, error = %e, "could not record lastScaleUp");
+        }
+    }
+    if started_any {
+        ctx.instances.invalidate().await;
+    }
+    // Pods nothing can serve: one event each, repeated at most every 10 minutes.
+    reported.retain(|_, at| at.elapsed() < Duration::from_secs(600));
+    for (key, reason) in &decision.unserved {
+        if reported.contains_key(key) {
+            continue;
+        }
+        reported.insert(key.clone(), Instant::now());
+        if let Some(pod) = pods
+            .iter()
+            .find(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()) == *key)
+        {
+            tracing::info!(pod = %key, reason, "no pool can serve this pod");
+            ctx.publish(&**pod, true, "PoolExhausted", reason.clone())
+                .await;
+        }
+    }
+}
+
+/// When a node was last started, for most-recently-used ordering.
+pub const LAST_USED_ANNOTATION: &str = "stratos.sh/last-used";
