@@ -749,3 +749,156 @@ async fn a_burst_starts_the_bin_packed_number_of_standby_nodes_in_one_call() {
     print_pools(&cluster);
     cluster.invariants.assert_held().await;
 }
+
+const SCALE_TO_ZERO: &str = include_str!("../examples/scale-to-zero.yaml");
+
+fn pod_yaml(name: &str, pool: &str, cpu: &str, extra_labels: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    app: web\n{extra_labels}spec:\n  nodeSelector:\n    stratos.sh/pool: {pool}\n  containers:\n    - name: c\n      image: web:1\n      resources:\n        requests:\n          cpu: {cpu}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_to_zero_starts_one_node_and_returns_it_to_standby() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    let _operator = cluster.start_operator();
+    cluster
+        .apply_yaml(&SCALE_TO_ZERO.replace("emptyNodeTTL: 2m", "emptyNodeTTL: 2s"))
+        .await;
+    wait_standby(&cluster, "on-demand", 2, 2).await;
+    assert_eq!(
+        pool_status(&cluster, "on-demand").await.unwrap().running,
+        0,
+        "no running nodes"
+    );
+    let stops_before = cluster.cloud.call_count(Operation::StopInstances);
+    cluster
+        .apply_yaml(&pod_yaml("web", "on-demand", "500m", ""))
+        .await;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::default_namespaced(cluster.client.clone());
+    let node = cluster
+        .wait_for(
+            "the pod running on a started node",
+            Duration::from_secs(30),
+            || async {
+                let p = pods.get("web").await.ok()?;
+                (p.status.as_ref()?.phase.as_deref() == Some("Running"))
+                    .then(|| p.spec.unwrap().node_name.unwrap())
+            },
+        )
+        .await;
+    let started: std::collections::BTreeSet<String> = cluster
+        .cloud
+        .calls()
+        .iter()
+        .filter(|c| c.operation == Operation::StartInstances)
+        .flat_map(|c| c.ids.clone())
+        .collect();
+    assert_eq!(started.len(), 1, "one pod, one node");
+    assert_eq!(
+        cluster.cloud.call_count(Operation::StartInstances),
+        1,
+        "and one call"
+    );
+    // The service scales to zero: the node is empty, and after the TTL back in standby.
+    pods.delete("web", &DeleteParams::default()).await.unwrap();
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    cluster
+        .wait_for(
+            "the node back in standby",
+            Duration::from_secs(30),
+            || async {
+                let n = nodes.get(&node).await.ok()?;
+                (n.labels().get("stratos.sh/state").map(String::as_str) == Some("standby"))
+                    .then_some(())
+            },
+        )
+        .await;
+    cluster
+        .wait_for("no running nodes", Duration::from_secs(30), || async {
+            let s = pool_status(&cluster, "on-demand").await?;
+            (s.running == 0 && s.draining == 0 && s.standby >= 2).then_some(())
+        })
+        .await;
+    assert!(cluster.cloud.call_count(Operation::StopInstances) > stops_before);
+    let inst = cluster
+        .cloud
+        .all_instances()
+        .into_iter()
+        .find(|i| i.private_dns_name.as_deref() == Some(node.as_str()))
+        .unwrap();
+    assert!(matches!(
+        inst.state,
+        InstanceState::Stopped | InstanceState::Stopping
+    ));
+    cluster.invariants.assert_held().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pdb_blocked_drain_is_aborted_and_the_node_runs_again() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    let _operator = cluster.start_operator();
+    cluster
+        .apply_yaml(
+            &SCALE_TO_ZERO
+                .replace("emptyNodeTTL: 2m", "emptyNodeTTL: 1s")
+                .replace("drainTimeout: 30s", "drainTimeout: 2s"),
+        )
+        .await;
+    wait_standby(&cluster, "on-demand", 2, 2).await;
+    cluster
+        .apply_yaml("apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata:\n  name: web\n  namespace: default\nspec:\n  minAvailable: 1\n  selector:\n    matchLabels:\n      app: web\n")
+        .await;
+    cluster
+        .apply_yaml(&pod_yaml("web", "on-demand", "500m", ""))
+        .await;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::default_namespaced(cluster.client.clone());
+    let node = cluster
+        .wait_for("the pod running", Duration::from_secs(30), || async {
+            let p = pods.get("web").await.ok()?;
+            (p.status.as_ref()?.phase.as_deref() == Some("Running"))
+                .then(|| p.spec.unwrap().node_name.unwrap())
+        })
+        .await;
+    // The race a drain can meet: the pod landed as the drain began. Its PDB forbids eviction.
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    nodes
+        .patch(&node, &PatchParams::default(), &Patch::Merge(json!({
+            "metadata": {"labels": {"stratos.sh/state": "draining"}, "annotations": {"stratos.sh/draining-since": jiff::Timestamp::now().to_string()}},
+            "spec": {"unschedulable": true}
+        })))
+        .await
+        .unwrap();
+    cluster
+        .wait_for(
+            "the drain aborted: running and schedulable again",
+            Duration::from_secs(20),
+            || async {
+                let n = nodes.get(&node).await.ok()?;
+                let running =
+                    n.labels().get("stratos.sh/state").map(String::as_str) == Some("running");
+                (running && n.spec?.unschedulable != Some(true)).then_some(())
+            },
+        )
+        .await;
+    let p = pods.get("web").await.unwrap();
+    assert!(
+        p.metadata.deletion_timestamp.is_none(),
+        "nothing is force-deleted"
+    );
+    assert_eq!(p.status.unwrap().phase.as_deref(), Some("Running"));
+    let inst = cluster
+        .cloud
+        .all_instances()
+        .into_iter()
+        .find(|i| i.private_dns_name.as_deref() == Some(node.as_str()))
+        .unwrap();
+    assert_eq!(
+        inst.state,
+        InstanceState::Running,
+        "never stopped under its pod"
+    );
+    cluster.invariants.assert_held().await;
+}

@@ -210,7 +210,43 @@ fn node_view(
             .iter()
             .filter(|p| scheduling::is_workload(p) && p.name_any() != prepull_name)
             .count(),
+        empty_since: annotation_time(node, EMPTY_SINCE),
+        draining_since: annotation_time(node, DRAINING_SINCE),
+        start_requested: annotation_time(node, super::pending::LAST_USED_ANNOTATION),
     }
+}
+
+pub const EMPTY_SINCE: &str = "stratos.sh/empty-since";
+pub const DRAINING_SINCE: &str = "stratos.sh/draining-since";
+
+fn annotation_time(node: &Node, key: &str) -> Option<SystemTime> {
+    node.annotations()
+        .get(key)
+        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+        .map(SystemTime::from)
+}
+
+/// Whether some unschedulable pod could use this pool's nodes (then empty nodes stay).
+fn pending_demand(pool: &NodePool, ctx: &Context) -> bool {
+    let mut labels = pool.spec.template.labels.clone();
+    labels.insert(POOL_LABEL.into(), pool.name_any());
+    ctx.stores
+        .pods
+        .state()
+        .iter()
+        .filter(|p| super::pending::is_pending_unschedulable(p))
+        .any(|p| {
+            let Some(spec) = &p.spec else { return false };
+            let tolerations = spec.tolerations.clone().unwrap_or_default();
+            scheduling::selector_matches(spec, &labels, "")
+                && pool
+                    .spec
+                    .template
+                    .taints
+                    .iter()
+                    .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+                    .all(|t| scheduling::tolerates(&tolerations, t))
+        })
 }
 
 struct Gathered {
@@ -275,6 +311,13 @@ async fn gather(pool: &NodePool, ctx: &Context, deleting: bool) -> Result<Gather
             warmup_timeout: pool.spec.pre_warm.timeout.as_std(),
             timeout_action: pool.spec.pre_warm.timeout_action,
             deleting,
+            scale_down: pool.spec.scale_down.enabled.then(|| {
+                (
+                    pool.spec.scale_down.empty_node_ttl.as_std(),
+                    pool.spec.scale_down.drain_timeout.as_std(),
+                )
+            }),
+            pending_demand: pending_demand(pool, ctx),
         },
         class: class.as_ref().map(|(_, v)| v.clone()),
         members,
@@ -520,7 +563,10 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
         let Some(m) = member(instance) else { continue };
         if let Some(node) = g.nodes.get(instance) {
             let patch = json!({
-                "metadata": {"labels": desired_labels(pool, NodeState::Standby)},
+                "metadata": {
+                    "labels": desired_labels(pool, NodeState::Standby),
+                    "annotations": {EMPTY_SINCE: null, DRAINING_SINCE: null},
+                },
                 "spec": {"unschedulable": true, "taints": standby_taints(pool, node)},
             });
             if let Err(e) = patch_node(ctx, node, patch).await {
@@ -557,6 +603,20 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
                 };
                 ctx.metrics.warmup_result(&name, result, None);
                 ctx.publish(pool, true, "WarmupFailed", format!("instance {instance}: {reason:?}; stopped into standby (timeoutAction: stop)")).await;
+            }
+            StandbyReason::Drained => {
+                tracing::info!(pool = %name, instance = %instance, node = m.node_name().unwrap_or("-"), "scale-down: drained, back to standby");
+                ctx.publish(
+                    pool,
+                    false,
+                    "ScaleDown",
+                    format!(
+                        "node {} was empty for {}; drained and stopped into standby",
+                        m.node_name().unwrap_or("-"),
+                        pool.spec.scale_down.empty_node_ttl
+                    ),
+                )
+                .await;
             }
             StandbyReason::Resume | StandbyReason::StoppedUnexpectedly => {
                 tracing::info!(pool = %name, instance = %instance, reason = ?reason, "into standby");
@@ -630,7 +690,19 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
             }
             Action::Drain { node, instance } => {
                 if let Some(n) = g.nodes.get(instance) {
-                    let _ = patch_node(ctx, n, json!({"metadata": {"labels": {STATE_LABEL: NodeState::Draining.as_str()}}, "spec": {"unschedulable": true}})).await;
+                    let since = n
+                        .annotations()
+                        .get(DRAINING_SINCE)
+                        .cloned()
+                        .unwrap_or_else(|| jiff::Timestamp::now().to_string());
+                    let patch = json!({
+                        "metadata": {"labels": {STATE_LABEL: NodeState::Draining.as_str()}, "annotations": {DRAINING_SINCE: since}},
+                        "spec": {"unschedulable": true},
+                    });
+                    if let Err(e) = patch_node(ctx, n, patch).await {
+                        errors.push(e);
+                        continue;
+                    }
                 }
                 match drain::evict_workload(ctx, node).await {
                     Ok(0) => {}
@@ -638,6 +710,38 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
                         tracing::info!(pool = %name, node = %node, left, "draining before the pool's deletion")
                     }
                     Err(e) => errors.push(e),
+                }
+            }
+            Action::MarkEmpty { instance, .. } | Action::ClearEmpty { instance, .. } => {
+                let value = matches!(action, Action::MarkEmpty { .. })
+                    .then(|| jiff::Timestamp::now().to_string());
+                if let Some(n) = g.nodes.get(instance)
+                    && let Err(e) = patch_node(
+                        ctx,
+                        n,
+                        json!({"metadata": {"annotations": {EMPTY_SINCE: value}}}),
+                    )
+                    .await
+                {
+                    errors.push(e);
+                }
+            }
+            Action::AbortDrain { instance, node } => {
+                if let Some(n) = g.nodes.get(instance) {
+                    let patch = json!({
+                        "metadata": {
+                            "labels": {STATE_LABEL: NodeState::Running.as_str()},
+                            "annotations": {DRAINING_SINCE: null, EMPTY_SINCE: null},
+                        },
+                        "spec": {"unschedulable": null},
+                    });
+                    match patch_node(ctx, n, patch).await {
+                        Ok(()) => {
+                            tracing::warn!(pool = %name, node = %node, timeout = %pool.spec.scale_down.drain_timeout, "drain aborted: back to running");
+                            ctx.publish(pool, true, "DrainAborted", format!("node {node} could not be drained within {} (pods could not be evicted, e.g. a PodDisruptionBudget); it is running again", pool.spec.scale_down.drain_timeout)).await;
+                        }
+                        Err(e) => errors.push(e),
+                    }
                 }
             }
             _ => {}

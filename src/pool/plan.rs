@@ -20,6 +20,10 @@ pub struct PoolView {
     pub timeout_action: TimeoutAction,
     /// The pool is being deleted.
     pub deleting: bool,
+    /// `(emptyNodeTTL, drainTimeout)`, or `None` when scale-down is disabled.
+    pub scale_down: Option<(Duration, Duration)>,
+    /// Some pending pod could use this pool's nodes: empty nodes stay.
+    pub pending_demand: bool,
 }
 
 /// The pool's node class, when it exists.
@@ -47,6 +51,8 @@ pub enum StandbyReason {
     /// A stop into standby was interrupted; finish it.
     Resume,
     StoppedUnexpectedly,
+    /// Empty for `emptyNodeTTL` and drained.
+    Drained,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,8 +102,15 @@ pub enum Action {
     },
     /// (Re-)issue the start of an instance whose node is marked `starting`.
     Start { instance: String },
-    /// Evict a node's workload before the pool's deletion terminates it.
+    /// Cordon the node, mark it draining and evict its workload (scale-down, or before the
+    /// pool's deletion terminates it).
     Drain { instance: String, node: String },
+    /// The drain did not finish within `drainTimeout`: uncordon, back to running.
+    AbortDrain { instance: String, node: String },
+    /// Record that a running node became empty (its TTL starts).
+    MarkEmpty { instance: String, node: String },
+    /// A running node is busy again.
+    ClearEmpty { instance: String, node: String },
     /// Terminate the instance and delete its Node.
     Terminate {
         instance: String,
@@ -171,6 +184,9 @@ fn timed_out(m: &Member, snap: &PoolSnapshot) -> bool {
         .is_some_and(|age| age > snap.pool.warmup_timeout)
 }
 
+/// How long a requested start counts as in flight before it is issued again.
+pub const START_IN_FLIGHT: Duration = Duration::from_secs(15);
+
 fn terminate(m: &Member, reason: TerminateReason) -> Action {
     Action::Terminate {
         instance: m.id().into(),
@@ -232,9 +248,18 @@ pub fn plan_pool(snap: &PoolSnapshot) -> Plan {
             Phase::WarmReady => plan.actions.push(standby(StandbyReason::WarmupComplete)),
             Phase::SelfStopped => plan.actions.push(standby(StandbyReason::SelfStopped)),
             Phase::StandbyButRunning => plan.actions.push(standby(StandbyReason::Resume)),
-            Phase::StartPending => plan.actions.push(Action::Start {
-                instance: m.id().into(),
-            }),
+            // A start requested moments ago is still on its way (or not yet in the listing).
+            Phase::StartPending => {
+                let requested = m.node.as_ref().and_then(|n| n.start_requested);
+                let in_flight = requested
+                    .and_then(|t| snap.now.duration_since(t).ok())
+                    .is_some_and(|a| a < START_IN_FLIGHT);
+                if !in_flight {
+                    plan.actions.push(Action::Start {
+                        instance: m.id().into(),
+                    });
+                }
+            }
             Phase::StoppedUnexpectedly => plan
                 .actions
                 .push(standby(StandbyReason::StoppedUnexpectedly)),
@@ -272,6 +297,62 @@ pub fn plan_pool(snap: &PoolSnapshot) -> Plan {
     }
     if !failed_prepull.is_empty() {
         plan.problems.push(Problem::PrePullFailed(failed_prepull));
+    }
+
+    // Scale-down (SPEC §5.6): empty running nodes go back to standby after the TTL.
+    for m in &live {
+        let (Some(node), Some(name)) = (&m.node, m.node_name()) else {
+            continue;
+        };
+        let ids = || (m.id().to_owned(), name.to_owned());
+        let age = |t: Option<SystemTime>| t.and_then(|t| snap.now.duration_since(t).ok());
+        match m.phase() {
+            Phase::Running if node.workload_pods == 0 => {
+                match (node.empty_since, snap.pool.scale_down) {
+                    (None, _) => {
+                        let (instance, node) = ids();
+                        plan.actions.push(Action::MarkEmpty { instance, node });
+                    }
+                    (Some(_), Some((ttl, _)))
+                        if !snap.pool.pending_demand
+                            && age(node.empty_since).is_some_and(|a| a >= ttl) =>
+                    {
+                        let (instance, node) = ids();
+                        plan.actions.push(Action::Drain { instance, node });
+                    }
+                    _ => {}
+                }
+            }
+            Phase::Running if node.empty_since.is_some() => {
+                let (instance, node) = ids();
+                plan.actions.push(Action::ClearEmpty { instance, node });
+            }
+            Phase::Draining if node.workload_pods == 0 => plan.actions.push(Action::EnterStandby {
+                instance: m.id().into(),
+                node: Some(name.into()),
+                reason: StandbyReason::Drained,
+            }),
+            Phase::Draining => {
+                let timeout = snap
+                    .pool
+                    .scale_down
+                    .map(|(_, t)| t)
+                    .unwrap_or(Duration::from_secs(300));
+                let (instance, node_name) = ids();
+                if age(node.draining_since).is_some_and(|a| a > timeout) {
+                    plan.actions.push(Action::AbortDrain {
+                        instance,
+                        node: node_name,
+                    });
+                } else {
+                    plan.actions.push(Action::Drain {
+                        instance,
+                        node: node_name,
+                    });
+                }
+            }
+            _ => {}
+        }
     }
 
     // Drift: stopped standby nodes from an older class are replaced.
@@ -411,6 +492,9 @@ mod tests {
             daemonset_pods_ready: ds.1,
             prepull,
             workload_pods: 0,
+            empty_since: None,
+            draining_since: None,
+            start_requested: None,
         }
     }
 
@@ -439,8 +523,9 @@ mod tests {
             )),
         )
     }
+    /// A running node with one workload pod.
     fn running(id: &str) -> Member {
-        member(
+        let mut m = member(
             instance(id, Running, "running", "h1", 3600),
             Some(node(
                 id,
@@ -449,7 +534,9 @@ mod tests {
                 (1, 1),
                 PrePull::NotNeeded,
             )),
-        )
+        );
+        m.node.as_mut().unwrap().workload_pods = 1;
+        m
     }
 
     fn snapshot(members: Vec<Member>, pool_size: usize, min_standby: usize) -> PoolSnapshot {
@@ -462,6 +549,8 @@ mod tests {
                 warmup_timeout: Duration::from_secs(900),
                 timeout_action: TimeoutAction::Terminate,
                 deleting: false,
+                scale_down: Some((Duration::from_secs(300), Duration::from_secs(300))),
+                pending_demand: false,
             },
             class: Some(ClassView {
                 hash: "h1".into(),
@@ -483,6 +572,9 @@ mod tests {
                 } => format!("standby {instance} {reason:?}"),
                 Action::Drain { instance, .. } => format!("drain {instance}"),
                 Action::Start { instance } => format!("start {instance}"),
+                Action::AbortDrain { instance, .. } => format!("abort-drain {instance}"),
+                Action::MarkEmpty { instance, .. } => format!("empty {instance}"),
+                Action::ClearEmpty { instance, .. } => format!("busy {instance}"),
                 Action::Terminate {
                     instance, reason, ..
                 } => format!("terminate {instance} {}", reason.as_str()),
@@ -691,7 +783,7 @@ mod tests {
                     10,
                     0,
                 ),
-                vec![],
+                vec!["empty a"],
             ),
             (
                 "terminated instances do not count",
@@ -739,6 +831,83 @@ mod tests {
     }
 
     #[test]
+    fn empty_nodes_drain_back_to_standby_after_the_ttl() {
+        let with = |workload: usize,
+                    empty_for: Option<u64>,
+                    draining_for: Option<u64>,
+                    state: NodeState| {
+            let mut m = running("a");
+            let n = m.node.as_mut().unwrap();
+            n.state_label = Some(state);
+            n.workload_pods = workload;
+            n.empty_since = empty_for.map(at);
+            n.draining_since = draining_for.map(at);
+            m
+        };
+        let cases = [
+            (
+                "a running node just became empty",
+                with(0, None, None, RunningLabel),
+                false,
+                vec!["empty a"],
+            ),
+            (
+                "empty, TTL not yet reached",
+                with(0, Some(60), None, RunningLabel),
+                false,
+                vec![],
+            ),
+            (
+                "empty for the TTL: drain",
+                with(0, Some(301), None, RunningLabel),
+                false,
+                vec!["drain a"],
+            ),
+            (
+                "empty for the TTL but pods pending for the pool",
+                with(0, Some(301), None, RunningLabel),
+                true,
+                vec![],
+            ),
+            (
+                "busy again",
+                with(2, Some(60), None, RunningLabel),
+                false,
+                vec!["busy a"],
+            ),
+            (
+                "drained: into standby",
+                with(0, Some(400), Some(5), NodeState::Draining),
+                false,
+                vec!["standby a Drained"],
+            ),
+            (
+                "still evicting",
+                with(1, None, Some(5), NodeState::Draining),
+                false,
+                vec!["drain a"],
+            ),
+            (
+                "drain timed out: abort",
+                with(1, None, Some(301), NodeState::Draining),
+                false,
+                vec!["abort-drain a"],
+            ),
+        ];
+        for (what, member, demand, expected) in cases {
+            let mut snap = snapshot(vec![member], 10, 0);
+            snap.pool.pending_demand = demand;
+            assert_eq!(summary(&plan_pool(&snap)), expected, "{what}");
+        }
+        let mut disabled = snapshot(vec![with(0, Some(10_000), None, RunningLabel)], 10, 0);
+        disabled.pool.scale_down = None;
+        assert!(
+            plan_pool(&disabled).actions.is_empty(),
+            "scaleDown.enabled: false keeps empty nodes"
+        );
+    }
+
+    #[test]
     fn nothing_launches_without_a_ready_class() {
         let mut snap = snapshot(vec![], 10, 3);
         snap.class = None;
@@ -758,10 +927,12 @@ mod tests {
     fn deletion_drains_busy_nodes_and_terminates_the_rest() {
         let mut busy = running("a");
         busy.node.as_mut().unwrap().workload_pods = 2;
+        let mut idle = running("b");
+        idle.node.as_mut().unwrap().workload_pods = 0;
         let mut snap = snapshot(
             vec![
                 busy,
-                running("b"),
+                idle,
                 standby("c", "h1"),
                 member(instance("d", Pending, "warmup", "h1", 5), None),
             ],

@@ -75,6 +75,12 @@ pub struct NodeView {
     pub prepull: PrePull,
     /// Pods a drain must evict: not DaemonSet, not mirror, not finished, not being deleted.
     pub workload_pods: usize,
+    /// Since when the node has run no workload (the `stratos.sh/empty-since` annotation).
+    pub empty_since: Option<SystemTime>,
+    /// Since when the node has been draining (`stratos.sh/draining-since`).
+    pub draining_since: Option<SystemTime>,
+    /// When a start was last requested for it (`stratos.sh/last-used`).
+    pub start_requested: Option<SystemTime>,
 }
 
 impl NodeView {
