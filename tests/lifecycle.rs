@@ -902,3 +902,44 @@ async fn a_pdb_blocked_drain_is_aborted_and_the_node_runs_again() {
     );
     cluster.invariants.assert_held().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_standby_exhausted_the_burst_launches_new_nodes_up_to_pool_size() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    let _operator = cluster.start_operator();
+    cluster
+        .apply_yaml(&QUICKSTART.replace("poolSize: 10", "poolSize: 6"))
+        .await;
+    wait_standby(&cluster, "workers", 3, 3).await;
+    // Ten 900m pods: two per m5.large, five nodes; three are in standby, two must be launched.
+    for i in 0..10 {
+        cluster
+            .apply_yaml(&pod_yaml(&format!("job-{i}"), "workers", "900m", ""))
+            .await;
+    }
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::default_namespaced(cluster.client.clone());
+    cluster
+        .wait_for("every job running", Duration::from_secs(45), || async {
+            let list = pods.list(&ListParams::default()).await.ok()?;
+            let running = list
+                .items
+                .iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .count();
+            (running == 10).then_some(())
+        })
+        .await;
+    assert!(
+        pool_instances(&cluster, "workers").len() <= 6,
+        "never above poolSize"
+    );
+    let s = pool_status(&cluster, "workers").await.unwrap();
+    println!(
+        "after the burst: running={} standby={} warmup={} total={}",
+        s.running, s.standby, s.warmup, s.total
+    );
+    assert!(s.running >= 5);
+    print_pools(&cluster);
+    cluster.invariants.assert_held().await;
+}

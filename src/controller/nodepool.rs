@@ -226,6 +226,149 @@ fn annotation_time(node: &Node, key: &str) -> Option<SystemTime> {
         .map(SystemTime::from)
 }
 
+/// Nodes the pool's pending pods need, as `(to launch, to hand off)`: the scale-up decision
+/// over this pool alone, with what it cannot serve packed into nodes the size of the
+/// pool's nodes (pods larger than a node are not counted). Launches count warming nodes as
+/// capacity; hand-offs do not.
+fn demand_nodes(
+    pool: &NodePool,
+    ctx: &Context,
+    members: &[Member],
+    nodes: &HashMap<String, Arc<Node>>,
+) -> (usize, usize) {
+    use crate::pool::scaleup::{
+        CandidateNode, PendingPod, PoolCandidate, Resources, plan_scale_up,
+    };
+    let mut labels = pool.spec.template.labels.clone();
+    labels.insert(POOL_LABEL.into(), pool.name_any());
+    let pods: Vec<PendingPod> = super::pending::pending_pods(ctx)
+        .iter()
+        .filter(|p| {
+            let Some(spec) = &p.spec else { return false };
+            let tolerations = spec.tolerations.clone().unwrap_or_default();
+            scheduling::selector_matches(spec, &labels, "")
+                && pool
+                    .spec
+                    .template
+                    .taints
+                    .iter()
+                    .filter(|t| t.effect != "PreferNoSchedule")
+                    .all(|t| scheduling::tolerates(&tolerations, t))
+        })
+        .map(|p| PendingPod {
+            key: format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()),
+            spec: p.spec.clone().unwrap_or_default(),
+            requests: super::pending::pod_requests(p),
+            images: Default::default(),
+        })
+        .collect();
+    if pods.is_empty() {
+        return (0, 0);
+    }
+    let mut pods_by_node: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
+    for pod in ctx.stores.pods.state() {
+        if let Some(n) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
+            pods_by_node.entry(n).or_default().push(pod);
+        }
+    }
+    let template: Option<Resources> = nodes.values().find_map(|n| {
+        let a = n.status.as_ref()?.allocatable.as_ref()?;
+        Some(
+            a.iter()
+                .map(|(k, v)| (k.clone(), super::pending::pod_quantity(&v.0)))
+                .collect(),
+        )
+    });
+    // Capacity with and without the warming nodes: without them decides how many warm
+    // nodes go to the pods; with them, how many more to launch.
+    let mut with_warming = PoolCandidate {
+        name: pool.name_any(),
+        taints: vec![],
+        starting: vec![],
+        standby: vec![],
+    };
+    let mut without_warming = with_warming.clone();
+    for m in members {
+        let node = nodes.get(m.id());
+        let free = match node {
+            Some(n) => super::pending::node_free(
+                n,
+                pods_by_node
+                    .get(&n.name_any())
+                    .map(Vec::as_slice)
+                    .unwrap_or_default(),
+            ),
+            None => match &template {
+                Some(t) => t.clone(),
+                None => continue,
+            },
+        };
+        let cand = CandidateNode {
+            instance_id: m.id().into(),
+            node_name: node.map(|n| n.name_any()).unwrap_or_default(),
+            zone: m.instance.zone.clone(),
+            labels: node
+                .map(|n| n.labels().clone())
+                .unwrap_or_else(|| labels.clone()),
+            free,
+            images: Default::default(),
+            last_used: None,
+        };
+        match m.phase() {
+            Phase::Standby | Phase::SelfStopped => {
+                with_warming.standby.push(cand.clone());
+                without_warming.standby.push(cand);
+            }
+            Phase::Starting | Phase::StartPending | Phase::Running => {
+                with_warming.starting.push(cand.clone());
+                without_warming.starting.push(cand);
+            }
+            Phase::Warming | Phase::WarmReady => with_warming.starting.push(cand),
+            _ => {}
+        }
+    }
+    let nodes_for = |candidate: PoolCandidate| -> usize {
+        let decision = plan_scale_up(&pods, &[candidate]);
+        let Some(template) = &template else {
+            return decision.unserved.len();
+        };
+        // First-fit decreasing of what is left into template-sized nodes.
+        let fits = |free: &Resources, want: &Resources| {
+            want.iter()
+                .all(|(k, v)| *v <= 0.0 || free.get(k).copied().unwrap_or(0.0) + 1e-9 >= *v)
+        };
+        let mut left: Vec<&PendingPod> = pods
+            .iter()
+            .filter(|p| decision.unserved.iter().any(|(k, _)| *k == p.key))
+            .collect();
+        left.sort_by(|a, b| {
+            b.requests
+                .get("cpu")
+                .copied()
+                .unwrap_or(0.0)
+                .total_cmp(&a.requests.get("cpu").copied().unwrap_or(0.0))
+        });
+        let mut bins: Vec<Resources> = Vec::new();
+        for pod in left {
+            if !fits(template, &pod.requests) {
+                continue;
+            }
+            let slot = match bins.iter().position(|b| fits(b, &pod.requests)) {
+                Some(i) => i,
+                None => {
+                    bins.push(template.clone());
+                    bins.len() - 1
+                }
+            };
+            for (k, v) in &pod.requests {
+                *bins[slot].entry(k.clone()).or_default() -= v;
+            }
+        }
+        bins.len()
+    };
+    (nodes_for(with_warming), nodes_for(without_warming))
+}
+
 /// Whether some unschedulable pod could use this pool's nodes (then empty nodes stay).
 fn pending_demand(pool: &NodePool, ctx: &Context) -> bool {
     let mut labels = pool.spec.template.labels.clone();
@@ -318,11 +461,19 @@ async fn gather(pool: &NodePool, ctx: &Context, deleting: bool) -> Result<Gather
                 )
             }),
             pending_demand: pending_demand(pool, ctx),
+            demand_nodes: 0,
+            handoff_nodes: 0,
         },
         class: class.as_ref().map(|(_, v)| v.clone()),
         members,
         now: SystemTime::now(),
     };
+    let mut snapshot = snapshot;
+    if snapshot.pool.pending_demand && !deleting {
+        let (launch, handoff) = demand_nodes(pool, ctx, &snapshot.members, &nodes);
+        snapshot.pool.demand_nodes = launch;
+        snapshot.pool.handoff_nodes = handoff;
+    }
     Ok(Gathered {
         snapshot,
         nodes,
@@ -712,6 +863,38 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
                     Err(e) => errors.push(e),
                 }
             }
+            Action::Handoff { instance, node } => {
+                if let Some(n) = g.nodes.get(instance) {
+                    let taints: Vec<Taint> = n
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.taints.clone())
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|t| t.key != STANDBY_TAINT)
+                        .collect();
+                    let patch = json!({
+                        "metadata": {"labels": desired_labels(pool, NodeState::Running)},
+                        "spec": {"unschedulable": null, "taints": taints},
+                    });
+                    match patch_node(ctx, n, patch).await {
+                        Ok(()) => {
+                            let tag = BTreeMap::from([(
+                                tags::STATE.to_owned(),
+                                NodeState::Running.as_str().to_owned(),
+                            )]);
+                            let _ = ctx
+                                .cloud
+                                .set_tags(std::slice::from_ref(instance), &tag)
+                                .await;
+                            ctx.metrics.warmup_result(&name, "completed", None);
+                            tracing::info!(pool = %name, instance = %instance, node = %node, "warm node handed to pending pods");
+                            ctx.publish(pool, false, "ScaleUp", format!("node {node} finished warmup and went straight to pending pods (standby exhausted)")).await;
+                        }
+                        Err(e) => errors.push(e),
+                    }
+                }
+            }
             Action::MarkEmpty { instance, .. } | Action::ClearEmpty { instance, .. } => {
                 let value = matches!(action, Action::MarkEmpty { .. })
                     .then(|| jiff::Timestamp::now().to_string());
@@ -810,7 +993,8 @@ async fn converge_nodes(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Pla
             Action::EnterStandby { instance, .. }
             | Action::Terminate { instance, .. }
             | Action::Drain { instance, .. }
-            | Action::Start { instance } => Some(instance.as_str()),
+            | Action::Start { instance }
+            | Action::Handoff { instance, .. } => Some(instance.as_str()),
             _ => None,
         })
         .collect();

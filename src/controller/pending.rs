@@ -30,6 +30,11 @@ use crate::{
 const IDLE: Duration = Duration::from_millis(100);
 const MAX_WAIT: Duration = Duration::from_secs(1);
 
+/// A Kubernetes quantity as a number (cores, bytes, counts).
+pub(crate) fn pod_quantity(q: &str) -> f64 {
+    quantity(q)
+}
+
 fn quantity(q: &str) -> f64 {
     let q = q.trim();
     let units: [(&str, f64); 10] = [
@@ -103,7 +108,7 @@ pub fn is_pending_unschedulable(pod: &Pod) -> bool {
     unbound && pending && unschedulable && pod.metadata.deletion_timestamp.is_none()
 }
 
-fn pending_pods(ctx: &Context) -> Vec<Arc<Pod>> {
+pub(crate) fn pending_pods(ctx: &Context) -> Vec<Arc<Pod>> {
     ctx.stores
         .pods
         .state()
@@ -144,7 +149,7 @@ pub async fn run(ctx: Arc<Context>, pools: Store<NodePool>, shutdown: impl Futur
     }
 }
 
-fn node_free(node: &Node, pods_on_node: &[Arc<Pod>]) -> Resources {
+pub(crate) fn node_free(node: &Node, pods_on_node: &[Arc<Pod>]) -> Resources {
     let mut free: Resources = node
         .status
         .as_ref()
@@ -256,10 +261,11 @@ async fn scale_up_round(
                 inst.state,
                 crate::cloud::InstanceState::Stopped | crate::cloud::InstanceState::Stopping
             );
-            let ready = crate::pool::scheduling::node_ready(node);
             match state {
                 Some(NodeState::Starting) => candidate.starting.push(cand),
-                Some(NodeState::Running) if !ready => candidate.starting.push(cand),
+                // Running nodes' room counts too: a pod not yet placed there is about to be
+                // (e.g. the startup taints are coming off), and must not start another node.
+                Some(NodeState::Running) => candidate.starting.push(cand),
                 Some(NodeState::Standby) if stopped => candidate.standby.push(cand),
                 _ => {}
             }

@@ -22,8 +22,15 @@ pub struct PoolView {
     pub deleting: bool,
     /// `(emptyNodeTTL, drainTimeout)`, or `None` when scale-down is disabled.
     pub scale_down: Option<(Duration, Duration)>,
-    /// Some pending pod could use this pool's nodes: empty nodes stay.
+    /// Some pending pod could use this pool's nodes: empty nodes stay, and warm nodes go
+    /// to the pods instead of into standby.
     pub pending_demand: bool,
+    /// New nodes pending pods need beyond all the pool's standby, starting and warming
+    /// capacity (standby exhausted, SPEC §6).
+    pub demand_nodes: usize,
+    /// Nodes pending pods need beyond standby, starting and running capacity: how many
+    /// warm nodes go straight to the pods instead of into standby.
+    pub handoff_nodes: usize,
 }
 
 /// The pool's node class, when it exists.
@@ -100,6 +107,8 @@ pub enum Action {
         node: Option<String>,
         reason: StandbyReason,
     },
+    /// A warm node goes straight to pending pods: uncordoned, `running`, never stopped.
+    Handoff { instance: String, node: String },
     /// (Re-)issue the start of an instance whose node is marked `starting`.
     Start { instance: String },
     /// Cordon the node, mark it draining and evict its workload (scale-down, or before the
@@ -238,6 +247,7 @@ pub fn plan_pool(snap: &PoolSnapshot) -> Plan {
     let mut failed_prepull = Vec::new();
 
     // Warmup completion and failure; interrupted transitions.
+    let mut handoffs_left = snap.pool.handoff_nodes;
     for m in &live {
         let standby = |reason| Action::EnterStandby {
             instance: m.id().into(),
@@ -245,6 +255,14 @@ pub fn plan_pool(snap: &PoolSnapshot) -> Plan {
             reason,
         };
         match m.phase() {
+            Phase::WarmReady if handoffs_left > 0 && m.node_name().is_some() => {
+                handoffs_left -= 1;
+                let node = m.node_name().unwrap_or_default();
+                plan.actions.push(Action::Handoff {
+                    instance: m.id().into(),
+                    node: node.into(),
+                });
+            }
             Phase::WarmReady => plan.actions.push(standby(StandbyReason::WarmupComplete)),
             Phase::SelfStopped => plan.actions.push(standby(StandbyReason::SelfStopped)),
             Phase::StandbyButRunning => plan.actions.push(standby(StandbyReason::Resume)),
@@ -419,7 +437,7 @@ pub fn plan_pool(snap: &PoolSnapshot) -> Plan {
                 )
             })
             .count();
-        let need = snap.pool.min_standby.saturating_sub(available);
+        let need = snap.pool.min_standby.saturating_sub(available) + snap.pool.demand_nodes;
         let room = snap.pool.pool_size.saturating_sub(kept.len());
         let count = need.min(room);
         if count > 0 {
@@ -551,6 +569,8 @@ mod tests {
                 deleting: false,
                 scale_down: Some((Duration::from_secs(300), Duration::from_secs(300))),
                 pending_demand: false,
+                demand_nodes: 0,
+                handoff_nodes: 0,
             },
             class: Some(ClassView {
                 hash: "h1".into(),
@@ -572,6 +592,7 @@ mod tests {
                 } => format!("standby {instance} {reason:?}"),
                 Action::Drain { instance, .. } => format!("drain {instance}"),
                 Action::Start { instance } => format!("start {instance}"),
+                Action::Handoff { instance, .. } => format!("handoff {instance}"),
                 Action::AbortDrain { instance, .. } => format!("abort-drain {instance}"),
                 Action::MarkEmpty { instance, .. } => format!("empty {instance}"),
                 Action::ClearEmpty { instance, .. } => format!("busy {instance}"),
@@ -904,6 +925,38 @@ mod tests {
         assert!(
             plan_pool(&disabled).actions.is_empty(),
             "scaleDown.enabled: false keeps empty nodes"
+        );
+    }
+
+    #[test]
+    fn standby_exhausted_launches_for_the_pods_and_hands_warm_nodes_over() {
+        let mut snap = snapshot(vec![running("a")], 4, 0);
+        snap.pool.pending_demand = true;
+        snap.pool.demand_nodes = 5;
+        assert_eq!(
+            summary(&plan_pool(&snap)),
+            vec!["launch 3"],
+            "up to poolSize"
+        );
+        let warm = member(
+            instance("w", Running, "warmup", "h1", 60),
+            Some(node(
+                "w",
+                Some(WarmupLabel),
+                true,
+                (0, 0),
+                PrePull::NotNeeded,
+            )),
+        );
+        let mut snap = snapshot(vec![warm], 4, 1);
+        snap.pool.pending_demand = true;
+        snap.pool.handoff_nodes = 1;
+        assert_eq!(summary(&plan_pool(&snap)), vec!["handoff w"]);
+        snap.pool.handoff_nodes = 0;
+        assert_eq!(
+            summary(&plan_pool(&snap)),
+            vec!["standby w WarmupComplete"],
+            "pods already covered: standby"
         );
     }
 
