@@ -4,7 +4,6 @@
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
-use futures::StreamExt;
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
     core::v1::{Node, Pod, Toleration},
@@ -12,7 +11,7 @@ use k8s_openapi::api::{
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, PostParams},
-    runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
+    runtime::reflector::Store,
 };
 use tokio::{sync::Notify, task::JoinHandle};
 
@@ -28,29 +27,6 @@ impl Drop for Controllers {
             t.abort();
         }
     }
-}
-
-fn spawn_reflector<K>(api: Api<K>, notify: Arc<Notify>) -> (Store<K>, JoinHandle<()>)
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api, watcher::Config::default()))
-        .default_backoff()
-        .touched_objects();
-    let task = tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while stream.next().await.is_some() {
-            notify.notify_one();
-        }
-    });
-    (reader, task)
 }
 
 /// The tolerations the DaemonSet controller adds to every DaemonSet pod.
@@ -74,9 +50,14 @@ pub fn daemonset_default_tolerations() -> Vec<Toleration> {
 impl Controllers {
     pub fn start(client: Client) -> Controllers {
         let notify = Arc::new(Notify::new());
-        let (pods, t1) = spawn_reflector(Api::<Pod>::all(client.clone()), notify.clone());
-        let (nodes, t2) = spawn_reflector(Api::<Node>::all(client.clone()), notify.clone());
-        let (sets, t3) = spawn_reflector(Api::<DaemonSet>::all(client.clone()), notify.clone());
+        let (pods, t1) =
+            crate::reflect::spawn_store(Api::<Pod>::all(client.clone()), Some(notify.clone()));
+        let (nodes, t2) =
+            crate::reflect::spawn_store(Api::<Node>::all(client.clone()), Some(notify.clone()));
+        let (sets, t3) = crate::reflect::spawn_store(
+            Api::<DaemonSet>::all(client.clone()),
+            Some(notify.clone()),
+        );
         let main = tokio::spawn(async move {
             let _ = tokio::join!(
                 pods.wait_until_ready(),

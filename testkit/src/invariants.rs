@@ -16,12 +16,8 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::{
-    Api, Client, ResourceExt,
-    runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
-};
+use kube::{Api, Client, ResourceExt, runtime::reflector::Store};
 use stratos::{
     api::NodePool,
     cloud::{
@@ -62,27 +58,6 @@ impl Drop for Invariants {
     }
 }
 
-fn store<K>(api: Api<K>) -> (Store<K>, JoinHandle<()>)
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api, watcher::Config::default()))
-        .default_backoff()
-        .touched_objects();
-    let task = tokio::spawn(async move {
-        let mut s = std::pin::pin!(stream);
-        while s.next().await.is_some() {}
-    });
-    (reader, task)
-}
-
 /// Pods that a drain must have evicted before the node's instance may stop.
 pub fn blocks_stop(pod: &Pod) -> bool {
     let daemonset = pod
@@ -106,9 +81,9 @@ impl Invariants {
         cluster: &str,
         probe: Option<ResourceVersionProbe>,
     ) -> Invariants {
-        let (pools, t1) = store(Api::<NodePool>::all(client.clone()));
-        let (nodes, t2) = store(Api::<Node>::all(client.clone()));
-        let (pods, t3) = store(Api::<Pod>::all(client.clone()));
+        let (pools, t1) = crate::reflect::spawn_store(Api::<NodePool>::all(client.clone()), None);
+        let (nodes, t2) = crate::reflect::spawn_store(Api::<Node>::all(client.clone()), None);
+        let (pods, t3) = crate::reflect::spawn_store(Api::<Pod>::all(client.clone()), None);
         let _ = tokio::join!(
             pools.wait_until_ready(),
             nodes.wait_until_ready(),

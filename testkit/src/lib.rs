@@ -13,6 +13,7 @@ pub mod invariants;
 pub mod kubelet;
 pub mod moto;
 pub mod nodematch;
+pub mod reflect;
 pub mod scheduler;
 pub mod schema;
 pub mod tools;

@@ -4,12 +4,11 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{
     Api, Client, ResourceExt,
     api::{Patch, PatchParams, PostParams},
-    runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
+    runtime::reflector::Store,
 };
 use serde_json::json;
 use tokio::{sync::Notify, task::JoinHandle};
@@ -26,29 +25,6 @@ impl Drop for Scheduler {
             t.abort();
         }
     }
-}
-
-fn spawn_reflector<K>(api: Api<K>, notify: Arc<Notify>) -> (Store<K>, JoinHandle<()>)
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api, watcher::Config::default()))
-        .default_backoff()
-        .touched_objects();
-    let task = tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while stream.next().await.is_some() {
-            notify.notify_one();
-        }
-    });
-    (reader, task)
 }
 
 fn is_terminal(pod: &Pod) -> bool {
@@ -68,8 +44,10 @@ fn node_name(pod: &Pod) -> Option<&str> {
 impl Scheduler {
     pub fn start(client: Client) -> Scheduler {
         let notify = Arc::new(Notify::new());
-        let (pods, pod_task) = spawn_reflector(Api::<Pod>::all(client.clone()), notify.clone());
-        let (nodes, node_task) = spawn_reflector(Api::<Node>::all(client.clone()), notify.clone());
+        let (pods, pod_task) =
+            crate::reflect::spawn_store(Api::<Pod>::all(client.clone()), Some(notify.clone()));
+        let (nodes, node_task) =
+            crate::reflect::spawn_store(Api::<Node>::all(client.clone()), Some(notify.clone()));
         let main = tokio::spawn(async move {
             pods.wait_until_ready().await.ok();
             nodes.wait_until_ready().await.ok();
