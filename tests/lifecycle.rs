@@ -943,3 +943,142 @@ async fn with_standby_exhausted_the_burst_launches_new_nodes_up_to_pool_size() {
     print_pools(&cluster);
     cluster.invariants.assert_held().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_no_pool_can_serve_starts_nothing() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    let _operator = cluster.start_operator();
+    cluster.apply_yaml(QUICKSTART).await;
+    wait_standby(&cluster, "workers", 3, 3).await;
+    cluster
+        .apply_yaml(&pod_yaml(
+            "misfit",
+            "gpu-pool-that-does-not-exist",
+            "100m",
+            "",
+        ))
+        .await;
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::default_namespaced(cluster.client.clone());
+    cluster
+        .wait_for(
+            "a PoolExhausted event on the pod",
+            Duration::from_secs(15),
+            || async {
+                let list = events.list(&ListParams::default()).await.ok()?;
+                list.items
+                    .iter()
+                    .any(|e| {
+                        e.reason.as_deref() == Some("PoolExhausted")
+                            && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                                == Some("misfit")
+                    })
+                    .then_some(())
+            },
+        )
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        cluster.cloud.call_count(Operation::StartInstances),
+        0,
+        "nothing started for a pod no pool matches"
+    );
+    cluster.invariants.assert_held().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_node_holding_the_model_image_is_started() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    let _operator = cluster.start_operator();
+    cluster
+        .apply_yaml(&QUICKSTART.replace("minStandby: 3", "minStandby: 2"))
+        .await;
+    wait_standby(&cluster, "workers", 2, 2).await;
+    // One standby node ran the model before: its disk holds the image.
+    let instances = pool_instances(&cluster, "workers");
+    let warm = instances.iter().max_by_key(|i| i.id.clone()).unwrap();
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    nodes
+        .patch_status(
+            warm.private_dns_name.as_deref().unwrap(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"images": [{"names": ["my-registry.com/llama-3:70b"], "sizeBytes": 40_000_000_000u64}]}})),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster
+        .apply_yaml(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: llm\n  namespace: default\nspec:\n  nodeSelector:\n    stratos.sh/pool: workers\n  containers:\n    - name: serve\n      image: my-registry.com/llama-3:70b\n      resources:\n        requests:\n          cpu: 1\n",
+        )
+        .await;
+    let started = cluster
+        .wait_for("a start", Duration::from_secs(15), || async {
+            cluster
+                .cloud
+                .calls()
+                .into_iter()
+                .find(|c| c.operation == Operation::StartInstances)
+                .map(|c| c.ids)
+        })
+        .await;
+    assert_eq!(
+        started,
+        vec![warm.id.clone()],
+        "the node with the model image on disk"
+    );
+    cluster.invariants.assert_held().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_mid_scale_up_starts_nothing_twice() {
+    let options = ClusterOptions {
+        kubelet: KubeletOptions {
+            ready_after: Duration::from_secs(1),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let cluster = TestCluster::start(options).await;
+    let operator = cluster.start_operator();
+    cluster.apply_yaml(QUICKSTART).await;
+    wait_standby(&cluster, "workers", 3, 3).await;
+    for i in 0..6 {
+        cluster
+            .apply_yaml(&pod_yaml(&format!("job-{i}"), "workers", "900m", ""))
+            .await;
+    }
+    cluster
+        .wait_for("the start issued", Duration::from_secs(15), || async {
+            (cluster.cloud.call_count(Operation::StartInstances) >= 1).then_some(())
+        })
+        .await;
+    operator.kill();
+    let _operator = cluster.start_operator();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::default_namespaced(cluster.client.clone());
+    cluster
+        .wait_for("every job running", Duration::from_secs(30), || async {
+            let list = pods.list(&ListParams::default()).await.ok()?;
+            let running = list
+                .items
+                .iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .count();
+            (running == 6).then_some(())
+        })
+        .await;
+    let started: std::collections::BTreeSet<String> = cluster
+        .cloud
+        .calls()
+        .iter()
+        .filter(|c| c.operation == Operation::StartInstances)
+        .flat_map(|c| c.ids.clone())
+        .collect();
+    assert_eq!(
+        started.len(),
+        3,
+        "the restarted operator counted the starting nodes as capacity"
+    );
+    cluster.invariants.assert_held().await;
+}
