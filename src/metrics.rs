@@ -76,6 +76,13 @@ impl CloudApiMetrics {
 
 /// Pool gauges and lifecycle counters (SPEC §8.1). Per-pool series are removed with the pool.
 pub struct PoolMetrics {
+    registry: Registry,
+    decision_latency: HistogramVec,
+    pending_to_scheduled: HistogramVec,
+    start_to_ready: HistogramVec,
+    drain_duration: HistogramVec,
+    drain_failures: IntCounterVec,
+    scale_up_nodes: IntCounterVec,
     nodes: prometheus::IntGaugeVec,
     pool_size: prometheus::IntGaugeVec,
     min_standby: prometheus::IntGaugeVec,
@@ -117,6 +124,53 @@ impl PoolMetrics {
             ),
             &["controller", "error"],
         )?;
+        let seconds = |name: &str, help: &str, buckets: Vec<f64>| {
+            HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["pool"])
+        };
+        let decision_latency = seconds(
+            "stratos_scale_up_decision_seconds",
+            "From a pod becoming unschedulable to StartInstances issued for it.",
+            vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0],
+        )?;
+        let pending_to_scheduled = seconds(
+            "stratos_pod_pending_to_scheduled_seconds",
+            "From a pod becoming unschedulable to its binding on a node of the pool.",
+            vec![1.0, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0],
+        )?;
+        let start_to_ready = seconds(
+            "stratos_node_start_to_ready_seconds",
+            "From StartInstances to the node Ready.",
+            vec![5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0],
+        )?;
+        let drain_duration = seconds(
+            "stratos_drain_duration_seconds",
+            "From the start of a drain to the node stopped into standby.",
+            vec![1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0],
+        )?;
+        let drain_failures = IntCounterVec::new(
+            Opts::new(
+                "stratos_drain_failures_total",
+                "Drains that did not finish, by reason.",
+            ),
+            &["pool", "reason"],
+        )?;
+        let scale_up_nodes = IntCounterVec::new(
+            Opts::new(
+                "stratos_scale_up_nodes_total",
+                "Nodes added for pending pods, by source.",
+            ),
+            &["pool", "source"],
+        )?;
+        for h in [
+            &decision_latency,
+            &pending_to_scheduled,
+            &start_to_ready,
+            &drain_duration,
+        ] {
+            registry.register(Box::new(h.clone()))?;
+        }
+        registry.register(Box::new(drain_failures.clone()))?;
+        registry.register(Box::new(scale_up_nodes.clone()))?;
         for c in [&nodes, &pool_size, &min_standby] {
             registry.register(Box::new(c.clone()))?;
         }
@@ -124,6 +178,13 @@ impl PoolMetrics {
         registry.register(Box::new(warmup_duration.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         Ok(Self {
+            registry: registry.clone(),
+            decision_latency,
+            pending_to_scheduled,
+            start_to_ready,
+            drain_duration,
+            drain_failures,
+            scale_up_nodes,
             nodes,
             pool_size,
             min_standby,
@@ -154,6 +215,53 @@ impl PoolMetrics {
         }
     }
 
+    pub fn scale_up(
+        &self,
+        pool: &str,
+        source: &str,
+        nodes: usize,
+        decision_latencies: &[Duration],
+    ) {
+        self.scale_up_nodes
+            .with_label_values(&[pool, source])
+            .inc_by(nodes as u64);
+        for d in decision_latencies {
+            self.decision_latency
+                .with_label_values(&[pool])
+                .observe(d.as_secs_f64());
+        }
+    }
+
+    pub fn pod_scheduled(&self, pool: &str, pending_for: Duration) {
+        self.pending_to_scheduled
+            .with_label_values(&[pool])
+            .observe(pending_for.as_secs_f64());
+    }
+
+    pub fn node_ready_after_start(&self, pool: &str, after: Duration) {
+        self.start_to_ready
+            .with_label_values(&[pool])
+            .observe(after.as_secs_f64());
+    }
+
+    pub fn drained(&self, pool: &str, took: Duration) {
+        self.drain_duration
+            .with_label_values(&[pool])
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn drain_failed(&self, pool: &str, reason: &str) {
+        self.drain_failures.with_label_values(&[pool, reason]).inc();
+    }
+
+    /// The registry in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let encoder = prometheus::TextEncoder::new();
+        let _ = encoder.encode_utf8(&self.registry.gather(), &mut out);
+        out
+    }
+
     pub fn reconcile_error(&self, controller: &str, error: &str) {
         self.reconcile_errors
             .with_label_values(&[controller, error])
@@ -165,6 +273,18 @@ impl PoolMetrics {
         let _ = self.pool_size.remove_label_values(&[pool]);
         let _ = self.min_standby.remove_label_values(&[pool]);
         let _ = self.warmup_duration.remove_label_values(&[pool]);
+        for h in [
+            &self.decision_latency,
+            &self.pending_to_scheduled,
+            &self.start_to_ready,
+            &self.drain_duration,
+        ] {
+            let _ = h.remove_label_values(&[pool]);
+        }
+        for source in ["standby", "launch"] {
+            let _ = self.scale_up_nodes.remove_label_values(&[pool, source]);
+        }
+        let _ = self.drain_failures.remove_label_values(&[pool, "timeout"]);
         for s in states {
             let _ = self.nodes.remove_label_values(&[pool, s]);
         }

@@ -690,7 +690,7 @@ async fn instances_of_vanished_pools_and_nodes_of_gone_instances_are_collected()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_starts_the_bin_packed_number_of_standby_nodes_in_one_call() {
     let cluster = TestCluster::start(ClusterOptions::default()).await;
-    let _operator = cluster.start_operator();
+    let operator = cluster.start_operator();
     cluster.apply_yaml(QUICKSTART).await;
     wait_standby(&cluster, "workers", 3, 3).await;
     let starts_before = cluster.cloud.call_count(Operation::StartInstances);
@@ -746,6 +746,41 @@ async fn a_burst_starts_the_bin_packed_number_of_standby_nodes_in_one_call() {
             },
         )
         .await;
+    // The latencies users feel, as Prometheus sees them.
+    let metrics = operator.metrics.render();
+    let count = |family: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{family}_count{{pool=\"workers\"}}")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    for line in metrics
+        .lines()
+        .filter(|l| l.contains("_count{") || l.contains("scale_up_nodes_total"))
+    {
+        println!("{line}");
+    }
+    assert_eq!(
+        count("stratos_scale_up_decision_seconds"),
+        6.0,
+        "one decision latency per pod"
+    );
+    assert_eq!(
+        count("stratos_pod_pending_to_scheduled_seconds"),
+        6.0,
+        "every pod's wait until scheduled"
+    );
+    assert_eq!(
+        count("stratos_node_start_to_ready_seconds"),
+        3.0,
+        "every started node's start to Ready"
+    );
+    assert!(
+        metrics.contains("stratos_scale_up_nodes_total{pool=\"workers\",source=\"standby\"} 3"),
+        "{metrics}"
+    );
     print_pools(&cluster);
     cluster.invariants.assert_held().await;
 }

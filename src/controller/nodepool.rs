@@ -756,6 +756,14 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
                 ctx.publish(pool, true, "WarmupFailed", format!("instance {instance}: {reason:?}; stopped into standby (timeoutAction: stop)")).await;
             }
             StandbyReason::Drained => {
+                if let Some(took) = m
+                    .node
+                    .as_ref()
+                    .and_then(|n| n.draining_since)
+                    .and_then(|t| SystemTime::now().duration_since(t).ok())
+                {
+                    ctx.metrics.drained(&name, took);
+                }
                 tracing::info!(pool = %name, instance = %instance, node = m.node_name().unwrap_or("-"), "scale-down: drained, back to standby");
                 ctx.publish(
                     pool,
@@ -888,6 +896,7 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
                                 .set_tags(std::slice::from_ref(instance), &tag)
                                 .await;
                             ctx.metrics.warmup_result(&name, "completed", None);
+                            ctx.metrics.scale_up(&name, "launch", 1, &[]);
                             tracing::info!(pool = %name, instance = %instance, node = %node, "warm node handed to pending pods");
                             ctx.publish(pool, false, "ScaleUp", format!("node {node} finished warmup and went straight to pending pods (standby exhausted)")).await;
                         }
@@ -920,6 +929,7 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
                     });
                     match patch_node(ctx, n, patch).await {
                         Ok(()) => {
+                            ctx.metrics.drain_failed(&name, "timeout");
                             tracing::warn!(pool = %name, node = %node, timeout = %pool.spec.scale_down.drain_timeout, "drain aborted: back to running");
                             ctx.publish(pool, true, "DrainAborted", format!("node {node} could not be drained within {} (pods could not be evicted, e.g. a PodDisruptionBudget); it is running again", pool.spec.scale_down.drain_timeout)).await;
                         }
@@ -1014,6 +1024,8 @@ async fn converge_nodes(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Pla
             _ => continue,
         };
         let labels = node.labels();
+        let promoted = state == NodeState::Running
+            && labels.get(STATE_LABEL).map(String::as_str) == Some(NodeState::Starting.as_str());
         let want = desired_labels(pool, state);
         let labels_ok = want.iter().all(|(k, v)| labels.get(k) == Some(v));
         let taints = node
@@ -1039,7 +1051,17 @@ async fn converge_nodes(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Pla
                 .collect();
             patch["spec"] = json!({"taints": kept});
         }
-        match patch_node(ctx, node, patch).await {
+        let result = patch_node(ctx, node, patch).await;
+        // Observed once: only the write that actually promoted the node counts.
+        if result.is_ok()
+            && promoted
+            && let Some(after) = view
+                .start_requested
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+        {
+            ctx.metrics.node_ready_after_start(&pool.name_any(), after);
+        }
+        match result {
             Ok(()) if remove_startup => {
                 tracing::info!(pool = %pool.name_any(), node = %view.name, "startup taints removed")
             }

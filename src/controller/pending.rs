@@ -108,6 +108,21 @@ pub fn is_pending_unschedulable(pod: &Pod) -> bool {
     unbound && pending && unschedulable && pod.metadata.deletion_timestamp.is_none()
 }
 
+/// Since when a pod has been unschedulable (its PodScheduled=False transition).
+fn pending_since(pod: &Pod) -> SystemTime {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| {
+            c.iter()
+                .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+        })
+        .and_then(|c| c.last_transition_time.as_ref())
+        .or(pod.metadata.creation_timestamp.as_ref())
+        .map(|t| SystemTime::from(t.0))
+        .unwrap_or_else(SystemTime::now)
+}
+
 pub(crate) fn pending_pods(ctx: &Context) -> Vec<Arc<Pod>> {
     ctx.stores
         .pods
@@ -120,7 +135,10 @@ pub(crate) fn pending_pods(ctx: &Context) -> Vec<Arc<Pod>> {
 pub async fn run(ctx: Arc<Context>, pools: Store<NodePool>, shutdown: impl Future<Output = ()>) {
     let mut shutdown = std::pin::pin!(shutdown);
     let mut reported: HashMap<String, Instant> = HashMap::new();
+    // Pods a start was issued for: (pool, pending since), until they are scheduled.
+    let mut served: HashMap<String, (String, SystemTime)> = HashMap::new();
     loop {
+        observe_scheduled(&ctx, &mut served);
         // Batch window: wait for the first pending pod, then until no new one arrives for
         // IDLE (at most MAX_WAIT), so a burst becomes one decision.
         let first_seen = loop {
@@ -141,7 +159,8 @@ pub async fn run(ctx: Arc<Context>, pools: Store<NodePool>, shutdown: impl Futur
             }
             count = now;
         }
-        scale_up_round(&ctx, &pools, &mut reported).await;
+        scale_up_round(&ctx, &pools, &mut reported, &mut served).await;
+        observe_scheduled(&ctx, &mut served);
         tokio::select! {
             _ = &mut shutdown => return,
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
@@ -171,10 +190,44 @@ pub(crate) fn node_free(node: &Node, pods_on_node: &[Arc<Pod>]) -> Resources {
     free
 }
 
+/// Records pending → scheduled for the pods scale-up served, once they are bound.
+fn observe_scheduled(ctx: &Context, served: &mut HashMap<String, (String, SystemTime)>) {
+    if served.is_empty() {
+        return;
+    }
+    let pods: HashMap<String, Arc<Pod>> = ctx
+        .stores
+        .pods
+        .state()
+        .into_iter()
+        .map(|p| {
+            (
+                format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()),
+                p,
+            )
+        })
+        .collect();
+    served.retain(|key, (pool, since)| match pods.get(key) {
+        None => false,
+        Some(p)
+            if p.spec
+                .as_ref()
+                .and_then(|s| s.node_name.as_deref())
+                .is_some_and(|n| !n.is_empty()) =>
+        {
+            let waited = SystemTime::now().duration_since(*since).unwrap_or_default();
+            ctx.metrics.pod_scheduled(pool, waited);
+            false
+        }
+        Some(_) => true,
+    });
+}
+
 async fn scale_up_round(
     ctx: &Context,
     pools: &Store<NodePool>,
     reported: &mut HashMap<String, Instant>,
+    served: &mut HashMap<String, (String, SystemTime)>,
 ) {
     let pods = pending_pods(ctx);
     if pods.is_empty() {
@@ -349,6 +402,20 @@ async fn scale_up_round(
             tracing::warn!(pool = %scale.pool, instance = %id, error = %e, "start failed");
         }
         let started = outcome.succeeded.len();
+        let now = SystemTime::now();
+        let mut latencies = Vec::new();
+        for key in &scale.pods {
+            if let Some(p) = pods
+                .iter()
+                .find(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()) == *key)
+            {
+                let since = pending_since(p);
+                latencies.push(now.duration_since(since).unwrap_or_default());
+                served.insert(key.clone(), (scale.pool.clone(), since));
+            }
+        }
+        ctx.metrics
+            .scale_up(&scale.pool, "standby", started, &latencies);
         if !outcome.succeeded.is_empty() {
             let tag = BTreeMap::from([(
                 tags::STATE.to_owned(),

@@ -159,15 +159,16 @@ impl TestCluster {
         config.gc_interval = Duration::from_secs(1);
         config.node_gc_grace = Duration::from_secs(5);
         let cloud: Arc<dyn CloudProvider> = self.cloud.clone();
+        let metrics = Arc::new(PoolMetrics::detached());
         let task = tokio::spawn(stratos::controller::run(
             self.client.clone(),
             eviction,
             cloud,
             config,
-            Arc::new(PoolMetrics::detached()),
+            metrics.clone(),
             futures::future::pending(),
         ));
-        Operator { task }
+        Operator { task, metrics }
     }
 
     pub fn kubeconfig_path(&self) -> PathBuf {
@@ -370,6 +371,8 @@ impl TestCluster {
 /// The in-process operator started by [`TestCluster::start_operator`].
 pub struct Operator {
     task: tokio::task::JoinHandle<()>,
+    /// The operator's pool metrics.
+    pub metrics: Arc<PoolMetrics>,
 }
 
 impl Operator {
