@@ -31,6 +31,9 @@ pub struct FakeCloudConfig {
     pub cluster: String,
     /// Launch or start until `running`.
     pub pending_to_running: Duration,
+    /// Added to `pending_to_running` for a fresh launch (a cold instance boots slower than a
+    /// stopped one starts).
+    pub launch_extra: Duration,
     pub stopping_to_stopped: Duration,
     pub shutting_down_to_terminated: Duration,
     /// After its first boot reaches `running`, the instance stops itself this much later.
@@ -46,6 +49,7 @@ impl Default for FakeCloudConfig {
         Self {
             cluster: "test".into(),
             pending_to_running: Duration::from_secs(1),
+            launch_extra: Duration::ZERO,
             stopping_to_stopped: Duration::from_secs(1),
             shutting_down_to_terminated: Duration::from_secs(1),
             self_stop_after_first_boot: None,
@@ -497,7 +501,7 @@ impl FakeCloud {
                 FakeInstance {
                     instance: instance.clone(),
                     spec: request.spec.clone(),
-                    transition_at: Some(now + cfg.pending_to_running),
+                    transition_at: Some(now + cfg.pending_to_running + cfg.launch_extra),
                     boots: 0,
                     self_stop_at: None,
                     terminated_at: None,

@@ -1040,7 +1040,11 @@ async fn converge_nodes(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Pla
                 view.ready,
                 view.network_ready,
             );
-        if labels_ok && !remove_startup {
+        // A warming node is cordoned: DaemonSet pods (which tolerate cordons) warm it up, but
+        // no workload lands on a node that is about to be stopped.
+        let cordon = state == NodeState::Warmup
+            && node.spec.as_ref().and_then(|s| s.unschedulable) != Some(true);
+        if labels_ok && !remove_startup && !cordon {
             continue;
         }
         let mut patch = json!({"metadata": {"labels": want}});
@@ -1050,6 +1054,9 @@ async fn converge_nodes(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Pla
                 .filter(|t| !startup.contains(&t.key))
                 .collect();
             patch["spec"] = json!({"taints": kept});
+        }
+        if cordon {
+            patch["spec"]["unschedulable"] = json!(true);
         }
         let result = patch_node(ctx, node, patch).await;
         // Observed once: only the write that actually promoted the node counts.

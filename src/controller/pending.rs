@@ -310,10 +310,8 @@ async fn scale_up_round(
                     .and_then(|t| t.parse::<jiff::Timestamp>().ok())
                     .map(SystemTime::from),
             };
-            let stopped = matches!(
-                inst.state,
-                crate::cloud::InstanceState::Stopped | crate::cloud::InstanceState::Stopping
-            );
+            // Only a fully stopped instance can be started: EC2 refuses one still stopping.
+            let stopped = inst.state == crate::cloud::InstanceState::Stopped;
             match state {
                 Some(NodeState::Starting) => candidate.starting.push(cand),
                 // Running nodes' room counts too: a pod not yet placed there is about to be

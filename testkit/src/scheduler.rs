@@ -52,8 +52,9 @@ impl Scheduler {
             pods.wait_until_ready().await.ok();
             nodes.wait_until_ready().await.ok();
             let mut reported: BTreeMap<String, String> = BTreeMap::new();
+            let mut assumed: BTreeMap<String, Assumed> = BTreeMap::new();
             loop {
-                schedule_round(&client, &pods, &nodes, &mut reported).await;
+                schedule_round(&client, &pods, &nodes, &mut reported, &mut assumed).await;
                 tokio::select! {
                     _ = notify.notified() => tokio::time::sleep(Duration::from_millis(10)).await,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -66,11 +67,20 @@ impl Scheduler {
     }
 }
 
+/// A binding made but not yet seen in the cache (kube-scheduler's "assumed" pods): its
+/// requests count on the node until the cache shows the pod bound.
+struct Assumed {
+    node: String,
+    requests: Resources,
+    at: std::time::Instant,
+}
+
 async fn schedule_round(
     client: &Client,
     pods: &Store<Pod>,
     nodes: &Store<Node>,
     reported: &mut BTreeMap<String, String>,
+    assumed: &mut BTreeMap<String, Assumed>,
 ) {
     let nodes = nodes.state();
     let all_pods = pods.state();
@@ -83,10 +93,31 @@ async fn schedule_round(
             }
         }
     }
+    // Bindings the cache has not caught up with yet still take room on their node.
+    assumed.retain(|key, a| {
+        let seen = all_pods.iter().any(|p| {
+            format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()) == *key
+                && node_name(p).is_some()
+        });
+        !seen && a.at.elapsed() < std::time::Duration::from_secs(30)
+    });
+    for a in assumed.values() {
+        let entry = used.entry(a.node.clone()).or_default();
+        for (k, v) in &a.requests {
+            *entry.entry(k.clone()).or_default() += v;
+        }
+    }
     let mut pending: Vec<&Arc<Pod>> = all_pods
         .iter()
         .filter(|p| {
             node_name(p).is_none() && p.metadata.deletion_timestamp.is_none() && !is_terminal(p)
+        })
+        .filter(|p| {
+            !assumed.contains_key(&format!(
+                "{}/{}",
+                p.namespace().unwrap_or_default(),
+                p.name_any()
+            ))
         })
         .filter(|p| {
             p.spec
@@ -142,10 +173,19 @@ async fn schedule_round(
                     )
                     .await;
                 if bound.is_ok() {
-                    let entry = used.entry(node).or_default();
-                    for (k, v) in nodematch::pod_requests(pod) {
-                        *entry.entry(k).or_default() += v;
+                    let requests = nodematch::pod_requests(pod);
+                    let entry = used.entry(node.clone()).or_default();
+                    for (k, v) in &requests {
+                        *entry.entry(k.clone()).or_default() += v;
                     }
+                    assumed.insert(
+                        key.clone(),
+                        Assumed {
+                            node,
+                            requests,
+                            at: std::time::Instant::now(),
+                        },
+                    );
                     reported.remove(&key);
                 }
             }
