@@ -203,8 +203,9 @@ pub async fn run(
     let (classes, classes_task) = shared_store::<AWSNodeClass>(&client, notify.clone());
     // Our own NodePool cache for GC and the class controller: the readiness of the pool
     // controller's internal store was never signalled in testing (kube-runtime 5.0).
+    let pools_changed = Arc::new(Notify::new());
     let (pool_store, pools_task) =
-        shared_store::<crate::api::NodePool>(&client, Arc::new(Notify::new()));
+        shared_store::<crate::api::NodePool>(&client, pools_changed.clone());
     let background = tokio::spawn(async move {
         tokio::join!(nodes_task, pods_task, ds_task, classes_task, pools_task);
     });
@@ -244,7 +245,12 @@ pub async fn run(
         rx.map(|_| ())
     };
     let pools = nodepool::controller(ctx.clone(), notify.clone(), stop_signal());
-    let classes = nodeclass::controller(ctx.clone(), pool_store.clone(), stop_signal());
+    let classes = nodeclass::controller(
+        ctx.clone(),
+        pool_store.clone(),
+        pools_changed,
+        stop_signal(),
+    );
     let gc = tokio::spawn(gc::run(ctx.clone(), pool_store.clone(), stop_signal()));
     let scale_up = tokio::spawn(pending::run(ctx.clone(), pool_store, stop_signal()));
     let stopper = tokio::spawn(async move {

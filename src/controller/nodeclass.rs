@@ -2,7 +2,7 @@
 //! as its `Ready` condition with the resolved subnets, and keeps it from being deleted
 //! while NodePools use it.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{collections::HashMap, future::Future, sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -22,26 +22,49 @@ use serde_json::json;
 use super::{Context, Error};
 use crate::{
     api::{AWSNodeClass, AWSNodeClassStatus, NodePool},
-    cloud::NodeClassRefs,
+    cloud::{CloudError, NodeClassCheck, NodeClassRefs},
 };
 
 pub const FINALIZER: &str = "stratos.sh/nodeclass-in-use";
+const RECHECK_READY: Duration = Duration::from_secs(300);
+const RECHECK_NOT_READY: Duration = Duration::from_secs(30);
 
 pub async fn controller(
     ctx: Arc<Context>,
     pools: Store<NodePool>,
+    pools_changed: Arc<tokio::sync::Notify>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let api: Api<AWSNodeClass> = Api::all(ctx.client.clone());
-    let data = Arc::new((ctx, pools));
+    let data = Arc::new((ctx, pools, std::sync::Mutex::new(HashMap::new())));
+    // A pool that starts or stops using a class changes the class's status.
+    let trigger = futures::stream::unfold(pools_changed, |n| async move {
+        n.notified().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Some(((), n))
+    });
     Controller::new(api, watcher::Config::default())
+        .reconcile_all_on(trigger)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, data)
         .for_each(|_| async {})
         .await;
 }
 
-type Data = (Arc<Context>, Store<NodePool>);
+/// The last cloud check per class: (generation, when, result). Pool changes re-run the
+/// reconcile often; EC2 is asked again only when the class changed or the check is old.
+type Checks = std::sync::Mutex<
+    HashMap<
+        String,
+        (
+            Option<i64>,
+            std::time::Instant,
+            Result<NodeClassCheck, CloudError>,
+        ),
+    >,
+>;
+
+type Data = (Arc<Context>, Store<NodePool>, Checks);
 
 fn error_policy(class: Arc<AWSNodeClass>, error: &Error, data: Arc<Data>) -> Requeue {
     if let Error::Waiting(why) = error {
@@ -67,11 +90,11 @@ fn users(name: &str, pools: &Store<NodePool>) -> Vec<String> {
 }
 
 async fn reconcile(class: Arc<AWSNodeClass>, data: Arc<Data>) -> Result<Requeue, Error> {
-    let (ctx, pools) = (&data.0, &data.1);
+    let (ctx, pools, checks) = (&data.0, &data.1, &data.2);
     let api: Api<AWSNodeClass> = Api::all(ctx.client.clone());
     let result = finalizer(&api, FINALIZER, class, |event| async {
         match event {
-            FinalizerEvent::Apply(class) => validate(&class, ctx, pools).await,
+            FinalizerEvent::Apply(class) => validate(&class, ctx, pools, checks).await,
             FinalizerEvent::Cleanup(class) => {
                 let users = users(&class.name_any(), pools);
                 if users.is_empty() {
@@ -106,13 +129,43 @@ async fn validate(
     class: &AWSNodeClass,
     ctx: &Context,
     pools: &Store<NodePool>,
+    checks: &Checks,
 ) -> Result<Requeue, Error> {
     let name = class.name_any();
     let existing = class.status.clone().unwrap_or_default();
-    let checked = ctx
-        .cloud
-        .check_node_class(&NodeClassRefs::from(&class.spec))
-        .await;
+    let cached =
+        checks
+            .lock()
+            .expect("checks lock")
+            .get(&name)
+            .and_then(|(generation, at, result)| {
+                let max_age = if matches!(result, Ok(c) if c.is_ready()) {
+                    RECHECK_READY
+                } else {
+                    RECHECK_NOT_READY
+                };
+                (*generation == class.metadata.generation && at.elapsed() < max_age)
+                    .then(|| result.clone())
+            });
+    let checked = match cached {
+        Some(result) => result,
+        None => {
+            let result = ctx
+                .cloud
+                .check_node_class(&NodeClassRefs::from(&class.spec))
+                .await;
+            let entry = (
+                class.metadata.generation,
+                std::time::Instant::now(),
+                result.clone(),
+            );
+            checks
+                .lock()
+                .expect("checks lock")
+                .insert(name.clone(), entry);
+            result
+        }
+    };
     let (ready, reason, message, subnets) = match &checked {
         Ok(check) if check.is_ready() => (
             true,

@@ -842,10 +842,13 @@ fn bind(shared: &Shared, route: &Route, body: &[u8]) -> Handled {
         "",
     )
     .map_err(ApiError::bad_request)?;
-    // Binding is the one write that may change both spec.nodeName and status.
-    let (_, change) = store.update(&route.def, &ns, name, new.clone(), Target::Main, false)?;
+    // Binding is the one write that changes both spec.nodeName and status: the status write
+    // starts from the object the first write produced, so the pair is consistent.
+    let (after, change) = store.update(&route.def, &ns, name, new.clone(), Target::Main, false)?;
     shared.publish(change);
-    let (_, change) = store.update(&route.def, &ns, name, new, Target::Status, false)?;
+    let mut with_status = after;
+    with_status["status"] = new["status"].clone();
+    let (_, change) = store.update(&route.def, &ns, name, with_status, Target::Status, false)?;
     shared.publish(change);
     Ok((201, success_status(201)))
 }
