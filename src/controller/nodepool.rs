@@ -243,18 +243,7 @@ fn demand_nodes(
     labels.insert(POOL_LABEL.into(), pool.name_any());
     let pods: Vec<PendingPod> = super::pending::pending_pods(ctx)
         .iter()
-        .filter(|p| {
-            let Some(spec) = &p.spec else { return false };
-            let tolerations = spec.tolerations.clone().unwrap_or_default();
-            scheduling::selector_matches(spec, &labels, "")
-                && pool
-                    .spec
-                    .template
-                    .taints
-                    .iter()
-                    .filter(|t| t.effect != "PreferNoSchedule")
-                    .all(|t| scheduling::tolerates(&tolerations, t))
-        })
+        .filter(|p| pod_wants_pool(p, pool))
         .map(|p| PendingPod {
             key: format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()),
             spec: p.spec.clone().unwrap_or_default(),
@@ -371,25 +360,29 @@ fn demand_nodes(
 
 /// Whether some unschedulable pod could use this pool's nodes (then empty nodes stay).
 fn pending_demand(pool: &NodePool, ctx: &Context) -> bool {
-    let mut labels = pool.spec.template.labels.clone();
-    labels.insert(POOL_LABEL.into(), pool.name_any());
     ctx.stores
         .pods
         .state()
         .iter()
         .filter(|p| super::pending::is_pending_unschedulable(p))
-        .any(|p| {
-            let Some(spec) = &p.spec else { return false };
-            let tolerations = spec.tolerations.clone().unwrap_or_default();
-            scheduling::selector_matches(spec, &labels, "")
-                && pool
-                    .spec
-                    .template
-                    .taints
-                    .iter()
-                    .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
-                    .all(|t| scheduling::tolerates(&tolerations, t))
-        })
+        .any(|p| pod_wants_pool(p, pool))
+}
+
+/// Whether a pod could run on this pool's nodes: its nodeSelector and required affinity
+/// match the pool's labels and it tolerates the pool's permanent NoSchedule/NoExecute taints.
+fn pod_wants_pool(pod: &Pod, pool: &NodePool) -> bool {
+    let Some(spec) = &pod.spec else { return false };
+    let mut labels = pool.spec.template.labels.clone();
+    labels.insert(POOL_LABEL.into(), pool.name_any());
+    let tolerations = spec.tolerations.clone().unwrap_or_default();
+    scheduling::selector_matches(spec, &labels, "")
+        && pool
+            .spec
+            .template
+            .taints
+            .iter()
+            .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+            .all(|t| scheduling::tolerates(&tolerations, t))
 }
 
 struct Gathered {
