@@ -88,6 +88,23 @@ fn launched(cluster: &TestCluster) -> usize {
         .sum()
 }
 
+/// Waits until `n` pods in `default` run.
+async fn wait_pods_running(cluster: &TestCluster, n: usize, timeout: Duration) {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::default_namespaced(cluster.client.clone());
+    cluster
+        .wait_for(&format!("{n} pods running"), timeout, || async {
+            let list = pods.list(&ListParams::default()).await.ok()?;
+            let running = list
+                .items
+                .iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .count();
+            (running == n).then_some(())
+        })
+        .await;
+}
+
 fn print_pools(cluster: &TestCluster) {
     if let Some(table) = cluster.kubectl(&["get", "np"]) {
         println!("$ kubectl get np\n{table}");
@@ -702,19 +719,7 @@ async fn a_burst_starts_the_bin_packed_number_of_standby_nodes_in_one_call() {
             ))
             .await;
     }
-    let pods: Api<k8s_openapi::api::core::v1::Pod> =
-        Api::default_namespaced(cluster.client.clone());
-    cluster
-        .wait_for("every job running", Duration::from_secs(30), || async {
-            let list = pods.list(&ListParams::default()).await.ok()?;
-            let running = list
-                .items
-                .iter()
-                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-                .count();
-            (running == 6).then_some(())
-        })
-        .await;
+    wait_pods_running(&cluster, 6, Duration::from_secs(30)).await;
     let starts: Vec<_> = cluster
         .cloud
         .calls()
@@ -952,19 +957,7 @@ async fn with_standby_exhausted_the_burst_launches_new_nodes_up_to_pool_size() {
             .apply_yaml(&pod_yaml(&format!("job-{i}"), "workers", "900m", ""))
             .await;
     }
-    let pods: Api<k8s_openapi::api::core::v1::Pod> =
-        Api::default_namespaced(cluster.client.clone());
-    cluster
-        .wait_for("every job running", Duration::from_secs(45), || async {
-            let list = pods.list(&ListParams::default()).await.ok()?;
-            let running = list
-                .items
-                .iter()
-                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-                .count();
-            (running == 10).then_some(())
-        })
-        .await;
+    wait_pods_running(&cluster, 10, Duration::from_secs(45)).await;
     assert!(
         pool_instances(&cluster, "workers").len() <= 6,
         "never above poolSize"
@@ -1090,19 +1083,7 @@ async fn a_crash_mid_scale_up_starts_nothing_twice() {
         .await;
     operator.kill();
     let _operator = cluster.start_operator();
-    let pods: Api<k8s_openapi::api::core::v1::Pod> =
-        Api::default_namespaced(cluster.client.clone());
-    cluster
-        .wait_for("every job running", Duration::from_secs(30), || async {
-            let list = pods.list(&ListParams::default()).await.ok()?;
-            let running = list
-                .items
-                .iter()
-                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-                .count();
-            (running == 6).then_some(())
-        })
-        .await;
+    wait_pods_running(&cluster, 6, Duration::from_secs(30)).await;
     let started: std::collections::BTreeSet<String> = cluster
         .cloud
         .calls()

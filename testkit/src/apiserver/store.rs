@@ -123,6 +123,18 @@ pub struct Store {
     collections: HashMap<String, Collection>,
 }
 
+/// The storage key of an object: cluster-scoped kinds ignore the namespace.
+fn key_of(def: &ResourceDef, ns: &str, name: &str) -> Key {
+    (
+        if def.namespaced {
+            ns.to_owned()
+        } else {
+            String::new()
+        },
+        name.to_owned(),
+    )
+}
+
 pub fn now_rfc3339() -> String {
     jiff::Timestamp::now()
         .round(jiff::Unit::Second)
@@ -467,14 +479,7 @@ impl Store {
         target: Target,
         check_rv: bool,
     ) -> Result<(Value, Option<Arc<Change>>), ApiError> {
-        let key = (
-            if def.namespaced {
-                ns.to_owned()
-            } else {
-                String::new()
-            },
-            name.to_owned(),
-        );
+        let key = key_of(def, ns, name);
         let existing = self
             .collection(def)
             .objects
@@ -616,14 +621,7 @@ impl Store {
         grace: Option<i64>,
         precondition_rv: Option<&str>,
     ) -> Result<(Value, Option<Arc<Change>>), ApiError> {
-        let key = (
-            if def.namespaced {
-                ns.to_owned()
-            } else {
-                String::new()
-            },
-            name.to_owned(),
-        );
+        let key = key_of(def, ns, name);
         let existing = self
             .collection(def)
             .objects
@@ -715,14 +713,7 @@ impl Store {
                 "the name of the object ({n}) does not match the name on the URL ({name})"
             )));
         }
-        let key = (
-            if def.namespaced {
-                ns.to_owned()
-            } else {
-                String::new()
-            },
-            name.to_owned(),
-        );
+        let key = key_of(def, ns, name);
         let sub = match target {
             Target::Main => "",
             Target::Status => "status",
