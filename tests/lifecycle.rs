@@ -1098,3 +1098,78 @@ async fn a_crash_mid_scale_up_starts_nothing_twice() {
     );
     cluster.invariants.assert_held().await;
 }
+
+const CI_RUNNERS: &str = include_str!("../examples/ci-runners.yaml");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ci_burst_of_40_jobs_starts_five_nodes_in_one_call_and_they_return_to_standby() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    let _operator = cluster.start_operator();
+    cluster
+        .apply_yaml(&CI_RUNNERS.replace("emptyNodeTTL: 10m", "emptyNodeTTL: 3s"))
+        .await;
+    wait_standby(&cluster, "ci-runners", 5, 5).await;
+    let standby: std::collections::BTreeSet<String> = pool_instances(&cluster, "ci-runners")
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    let starts_before = cluster.cloud.call_count(Operation::StartInstances);
+    // m5.2xlarge nodes have 7920m allocatable: eight 900m jobs per node, so five nodes.
+    for i in 0..40 {
+        cluster
+            .apply_yaml(&pod_yaml(&format!("job-{i}"), "ci-runners", "900m", ""))
+            .await;
+    }
+    wait_pods_running(&cluster, 40, Duration::from_secs(60)).await;
+    let starts: Vec<_> = cluster
+        .cloud
+        .calls()
+        .into_iter()
+        .filter(|c| c.operation == Operation::StartInstances)
+        .skip(starts_before)
+        .collect();
+    println!(
+        "CI burst of 40 jobs: StartInstances calls: {}, nodes started: {:?}",
+        starts.len(),
+        starts.iter().map(|c| c.ids.len()).collect::<Vec<_>>()
+    );
+    assert_eq!(starts.len(), 1, "one StartInstances call for the burst");
+    let started: std::collections::BTreeSet<String> = starts[0].ids.iter().cloned().collect();
+    assert_eq!(
+        started, standby,
+        "exactly the five bin-packed standby nodes"
+    );
+    let status = pool_status(&cluster, "ci-runners").await.unwrap();
+    let last = status.last_scale_up.expect("lastScaleUp recorded");
+    assert_eq!((last.nodes, last.pods), (5, 40));
+
+    // The jobs finish; after the TTL every started node drains and stops back to standby.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::default_namespaced(cluster.client.clone());
+    pods.delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await
+        .unwrap();
+    cluster
+        .wait_for(
+            "the five started nodes stopped in standby",
+            Duration::from_secs(60),
+            || async {
+                let s = pool_status(&cluster, "ci-runners").await?;
+                let stopped = cluster
+                    .cloud
+                    .all_instances()
+                    .into_iter()
+                    .filter(|i| started.contains(&i.id) && i.state == InstanceState::Stopped)
+                    .count();
+                (s.running == 0 && s.draining == 0 && stopped == 5).then_some(())
+            },
+        )
+        .await;
+    assert_eq!(
+        cluster.cloud.call_count(Operation::StartInstances),
+        starts_before + 1,
+        "no start beyond the burst's one"
+    );
+    print_pools(&cluster);
+    cluster.invariants.assert_held().await;
+}
