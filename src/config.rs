@@ -73,6 +73,23 @@ pub struct RunConfig {
     )]
     pub leader_elect: bool,
 
+    /// Name of the leader Lease.
+    #[arg(
+        long,
+        env = "STRATOS_LEADER_ELECT_LEASE_NAME",
+        default_value = "stratos-leader"
+    )]
+    pub leader_elect_lease_name: String,
+
+    /// Namespace of the leader Lease (default: the operator's own, from POD_NAMESPACE).
+    #[arg(long, env = "STRATOS_LEADER_ELECT_NAMESPACE")]
+    pub leader_elect_namespace: Option<String>,
+
+    /// How long the lease outlives the leader's last renewal: a standby replica takes over
+    /// within this long of the leader's death (3s to 5m).
+    #[arg(long, env = "STRATOS_LEADER_ELECT_LEASE_DURATION", default_value = "12s", value_parser = parse_lease_duration)]
+    pub leader_elect_lease_duration: std::time::Duration,
+
     /// Log line format.
     #[arg(long, env = "STRATOS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
@@ -95,7 +112,8 @@ pub enum LogFormat {
 impl RunConfig {
     /// Checks that involve more than one flag.
     fn validate(&self) -> Result<(), String> {
-        if self.metrics_addr == self.health_addr {
+        // Port 0 asks the OS for a free port, so two of them never clash.
+        if self.metrics_addr == self.health_addr && self.metrics_addr.port() != 0 {
             return Err(format!(
                 "--metrics-addr and --health-addr must differ (both are {})",
                 self.metrics_addr
@@ -210,6 +228,17 @@ fn parse_endpoint_url(s: &str) -> Result<String, String> {
     Ok(s.trim_end_matches('/').to_owned())
 }
 
+fn parse_lease_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = s
+        .parse::<crate::api::Duration>()
+        .map_err(|e| e.to_string())?
+        .as_std();
+    if !(3..=300).contains(&d.as_secs()) {
+        return Err(format!("lease duration {s:?} must be between 3s and 5m"));
+    }
+    Ok(d)
+}
+
 /// Accepts the Go form (`:8080`, every interface) as well as `host:port`.
 fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
     if let Some(port) = s.strip_prefix(':') {
@@ -256,6 +285,9 @@ mod tests {
         assert_eq!(cfg.log_format, LogFormat::Json);
         assert_eq!(cfg.region, None);
         assert_eq!(cfg.aws_endpoint_url, None);
+        assert_eq!(cfg.leader_elect_lease_name, "stratos-leader");
+        assert_eq!(cfg.leader_elect_namespace, None);
+        assert_eq!(cfg.leader_elect_lease_duration.as_secs(), 12);
     }
 
     #[test]
@@ -268,6 +300,9 @@ mod tests {
             "--health-addr=:9091",
             "--leader-elect=false",
             "--log-format=text",
+            "--leader-elect-lease-name=l",
+            "--leader-elect-namespace=ops",
+            "--leader-elect-lease-duration=1m",
         ])
         .unwrap();
         assert_eq!(cfg.region.as_deref(), Some("eu-west-1"));
@@ -279,6 +314,9 @@ mod tests {
         assert_eq!(cfg.health_addr, "0.0.0.0:9091".parse().unwrap());
         assert!(!cfg.leader_elect);
         assert_eq!(cfg.log_format, LogFormat::Text);
+        assert_eq!(cfg.leader_elect_lease_name, "l");
+        assert_eq!(cfg.leader_elect_namespace.as_deref(), Some("ops"));
+        assert_eq!(cfg.leader_elect_lease_duration.as_secs(), 60);
         // A bare flag means true.
         assert!(
             run(&["--cluster-name=c", "--leader-elect"])
@@ -312,6 +350,14 @@ mod tests {
                 "--leader-elect",
             ),
             (&["--cluster-name=c", "--log-format=xml"], "--log-format"),
+            (
+                &["--cluster-name=c", "--leader-elect-lease-duration=1s"],
+                "--leader-elect-lease-duration",
+            ),
+            (
+                &["--cluster-name=c", "--leader-elect-lease-duration=soon"],
+                "--leader-elect-lease-duration",
+            ),
             (
                 &[
                     "--cluster-name=c",

@@ -7,6 +7,8 @@ pub mod api;
 pub mod cloud;
 pub mod config;
 pub mod controller;
+pub mod http;
+pub mod leader;
 pub mod metrics;
 pub mod pool;
 pub mod preflight;

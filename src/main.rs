@@ -10,6 +10,8 @@ use stratos::{
     },
     config::{self, Cli, Command, RunConfig},
     controller::{self, OperatorConfig},
+    http::{self, Health, Phase},
+    leader::{self, LeaderConfig},
     metrics::{CloudApiMetrics, PoolMetrics},
     preflight, telemetry,
 };
@@ -68,53 +70,122 @@ fn run(cfg: RunConfig) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let clients = match preflight::connect(&cfg).await {
-            Ok(clients) => clients,
-            Err(e) => {
-                tracing::error!(error = %e, "start-up failed");
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
+        match serve(cfg).await {
+            Ok(()) => {
+                tracing::info!("shut down");
+                ExitCode::SUCCESS
             }
-        };
-        let registry = prometheus::Registry::new();
-        let (cloud_metrics, pool_metrics) =
-            match (CloudApiMetrics::new(&registry), PoolMetrics::new(&registry)) {
-                (Ok(c), Ok(p)) => (Arc::new(c), Arc::new(p)),
-                (Err(e), _) | (_, Err(e)) => {
-                    eprintln!("error: cannot register metrics: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-        let cloud = Arc::new(Ec2Cloud::new(
-            &clients.aws,
-            &cfg.cluster_name,
-            Limits::default(),
-            RetryPolicy::default(),
-            cloud_metrics,
-        ));
-        let mut operator = OperatorConfig::new(&cfg.cluster_name);
-        operator.prepull_namespace = cfg.prepull_namespace.clone();
-        if let Some(image) = &cfg.prepull_image {
-            operator.prepull_image = image.clone();
+            Err(e) => {
+                tracing::error!(error = %e, "stopped");
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
         }
-        tracing::info!(
-            cluster = %cfg.cluster_name,
-            version = config::VERSION,
-            revision = config::GIT_REVISION,
-            "starting controllers"
-        );
-        controller::run(
-            clients.kube,
-            clients.eviction,
-            cloud,
-            operator,
-            pool_metrics,
-            shutdown_signal(),
-        )
-        .await;
-        tracing::info!("shut down");
-        ExitCode::SUCCESS
     })
+}
+
+/// Connects, serves the endpoints, and runs the controllers while leading, until SIGTERM.
+async fn serve(cfg: RunConfig) -> Result<(), String> {
+    let health = Health::new();
+    // One signal for everything: the endpoints close only after the lease is released.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("SIGTERM: finishing in-flight work, then releasing the lease");
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let (http_stop_tx, http_stop_rx) = tokio::sync::watch::channel(false);
+    let http_stopped = move || {
+        let mut rx = http_stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+
+    let registry = prometheus::Registry::new();
+    let cloud_metrics =
+        CloudApiMetrics::new(&registry).map_err(|e| format!("cannot register metrics: {e}"))?;
+    let pool_metrics =
+        Arc::new(PoolMetrics::new(&registry).map_err(|e| format!("cannot register metrics: {e}"))?);
+    // Bind before connecting, so probes answer (not ready) during start-up and a taken port
+    // fails at once.
+    let (_, health_server) = http::bind(
+        cfg.health_addr,
+        http::health_router(health.clone()),
+        http_stopped(),
+    )
+    .await
+    .map_err(|e| format!("cannot listen on --health-addr {}: {e}", cfg.health_addr))?;
+    let (_, metrics_server) = http::bind(
+        cfg.metrics_addr,
+        http::metrics_router(pool_metrics.clone()),
+        http_stopped(),
+    )
+    .await
+    .map_err(|e| format!("cannot listen on --metrics-addr {}: {e}", cfg.metrics_addr))?;
+
+    let clients = preflight::connect(&cfg).await.map_err(|e| e.to_string())?;
+    let cloud = Arc::new(Ec2Cloud::new(
+        &clients.aws,
+        &cfg.cluster_name,
+        Limits::default(),
+        RetryPolicy::default(),
+        Arc::new(cloud_metrics),
+    ));
+    let mut operator = OperatorConfig::new(&cfg.cluster_name);
+    operator.prepull_namespace = cfg.prepull_namespace.clone();
+    if let Some(image) = &cfg.prepull_image {
+        operator.prepull_image = image.clone();
+    }
+    tracing::info!(
+        cluster = %cfg.cluster_name,
+        version = config::VERSION,
+        revision = config::GIT_REVISION,
+        leader_elect = cfg.leader_elect,
+        "starting"
+    );
+    let controllers = {
+        let (kube, eviction, health) = (
+            clients.kube.clone(),
+            clients.eviction.clone(),
+            health.clone(),
+        );
+        move |stop| controller::run(kube, eviction, cloud, operator, pool_metrics, health, stop)
+    };
+    let result = if cfg.leader_elect {
+        let leader = LeaderConfig {
+            lease_name: cfg.leader_elect_lease_name.clone(),
+            namespace: cfg
+                .leader_elect_namespace
+                .clone()
+                .unwrap_or_else(|| cfg.prepull_namespace.clone()),
+            identity: leader::identity(),
+            lease_duration: cfg.leader_elect_lease_duration,
+        };
+        leader::run_elected(
+            clients.kube,
+            &leader,
+            health.clone(),
+            stopped(),
+            controllers,
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    } else {
+        controllers(Box::pin(stopped())).await;
+        Ok(())
+    };
+    health.set(Phase::ShuttingDown);
+    let _ = http_stop_tx.send(true);
+    let _ = tokio::join!(health_server, metrics_server);
+    result
 }
 
 async fn shutdown_signal() {

@@ -18,7 +18,10 @@ fn stratos(args: &[&str], kubeconfig: Option<&Path>, home: &Path) -> Output {
         .env("HOME", home)
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test");
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        // Tests run in parallel: let the OS pick the endpoints' ports.
+        .env("STRATOS_METRICS_ADDR", "127.0.0.1:0")
+        .env("STRATOS_HEALTH_ADDR", "127.0.0.1:0");
     if let Some(path) = kubeconfig {
         cmd.env("KUBECONFIG", path);
     }

@@ -30,54 +30,16 @@ const QUICKSTART: &str = include_str!("../examples/quickstart.yaml");
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_quickstart_pool_fills_on_the_ec2_path() {
     let Some(moto) = Moto::start() else { return };
-    moto.create_instance_profile("node-role");
+    let account = moto.account().await;
+    let raw = account.client.clone();
     let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new("us-east-1"))
         .endpoint_url(moto.endpoint())
         .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
         .load()
         .await;
-    let raw = aws_sdk_ec2::Client::new(&sdk);
-    let vpc = raw
-        .create_vpc()
-        .cidr_block("10.0.0.0/16")
-        .send()
-        .await
-        .unwrap();
-    let vpc_id = vpc.vpc().unwrap().vpc_id().unwrap().to_owned();
-    let subnet = raw
-        .create_subnet()
-        .vpc_id(&vpc_id)
-        .cidr_block("10.0.1.0/24")
-        .availability_zone("us-east-1a")
-        .send()
-        .await
-        .unwrap();
-    let subnet_id = subnet.subnet().unwrap().subnet_id().unwrap().to_owned();
-    let sg = raw
-        .create_security_group()
-        .group_name("nodes")
-        .description("nodes")
-        .vpc_id(&vpc_id)
-        .send()
-        .await
-        .unwrap();
-    let sg_id = sg.group_id().unwrap().to_owned();
-    let ami = raw
-        .describe_images()
-        .owners("amazon")
-        .send()
-        .await
-        .unwrap()
-        .images()[0]
-        .image_id()
-        .unwrap()
-        .to_owned();
     // The example, unchanged but for the ids that exist in this emulated account.
-    let quickstart = QUICKSTART
-        .replace("subnet-12345678", &subnet_id)
-        .replace("sg-12345678", &sg_id)
-        .replace("ami-0123456789abcdef0", &ami);
+    let quickstart = account.localize(QUICKSTART);
 
     let server = ApiServer::start_with_repo_crds().await;
     let client = server.client();
@@ -105,6 +67,7 @@ async fn the_quickstart_pool_fills_on_the_ec2_path() {
         cloud,
         config,
         Arc::new(PoolMetrics::detached()),
+        stratos::http::Health::new(),
         futures::future::pending(),
     ));
 

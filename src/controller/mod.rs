@@ -187,13 +187,15 @@ where
     (reader, Box::pin(fut))
 }
 
-/// Runs every controller until `shutdown` resolves. Only the leader should call this.
+/// Runs every controller until `shutdown` resolves, then waits for in-flight reconciles.
+/// Only the leader calls this.
 pub async fn run(
     client: Client,
     eviction_client: Client,
     cloud: Arc<dyn CloudProvider>,
     config: OperatorConfig,
     metrics: Arc<PoolMetrics>,
+    health: Arc<crate::http::Health>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let notify = Arc::new(Notify::new());
@@ -216,6 +218,8 @@ pub async fn run(
         classes.wait_until_ready(),
         pool_store.wait_until_ready()
     );
+    health.set(crate::http::Phase::Leading);
+    tracing::info!("caches synced; reconciling");
 
     let reporter = Reporter {
         controller: "stratos".into(),

@@ -166,6 +166,7 @@ impl TestCluster {
             cloud,
             config,
             metrics.clone(),
+            stratos::http::Health::new(),
             futures::future::pending(),
         ));
         Operator { task, metrics }

@@ -100,3 +100,90 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A network to launch into: one VPC, a subnet in each of three zones, a security group,
+/// moto's first Amazon AMI and the instance profile `node-role`.
+pub struct Ec2Account {
+    pub client: aws_sdk_ec2::Client,
+    /// `(subnet id, zone)`, zones a, b and c of us-east-1.
+    pub subnets: Vec<(String, String)>,
+    pub security_group: String,
+    pub ami: String,
+}
+
+impl Ec2Account {
+    /// Replaces the placeholder ids of the examples (`subnet-12345678`, `sg-12345678`,
+    /// `ami-0123456789abcdef0`) with ones that exist in this account.
+    pub fn localize(&self, yaml: &str) -> String {
+        yaml.replace("subnet-12345678", &self.subnets[0].0)
+            .replace("sg-12345678", &self.security_group)
+            .replace("ami-0123456789abcdef0", &self.ami)
+    }
+}
+
+impl Moto {
+    /// An EC2 client for this emulator, with static test credentials in us-east-1.
+    pub fn ec2_client(&self) -> aws_sdk_ec2::Client {
+        use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
+        let config = aws_sdk_ec2::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(self.endpoint())
+            .credentials_provider(Credentials::new("test", "test", None, None, "testkit"))
+            .build();
+        aws_sdk_ec2::Client::from_conf(config)
+    }
+
+    /// Creates the network an AWSNodeClass needs (see [`Ec2Account`]).
+    pub async fn account(&self) -> Ec2Account {
+        self.create_instance_profile("node-role");
+        let client = self.ec2_client();
+        let vpc = client
+            .create_vpc()
+            .cidr_block("10.0.0.0/16")
+            .send()
+            .await
+            .expect("CreateVpc");
+        let vpc_id = vpc
+            .vpc()
+            .and_then(|v| v.vpc_id())
+            .expect("vpc id")
+            .to_owned();
+        let mut subnets = Vec::new();
+        for (i, zone) in ["us-east-1a", "us-east-1b", "us-east-1c"]
+            .iter()
+            .enumerate()
+        {
+            let s = client
+                .create_subnet()
+                .vpc_id(&vpc_id)
+                .cidr_block(format!("10.0.{i}.0/24"))
+                .availability_zone(*zone)
+                .send()
+                .await
+                .expect("CreateSubnet");
+            let id = s.subnet().and_then(|s| s.subnet_id()).expect("subnet id");
+            subnets.push((id.to_owned(), zone.to_string()));
+        }
+        let sg = client
+            .create_security_group()
+            .group_name("nodes")
+            .description("nodes")
+            .vpc_id(&vpc_id)
+            .send()
+            .await
+            .expect("CreateSecurityGroup");
+        let images = client
+            .describe_images()
+            .owners("amazon")
+            .send()
+            .await
+            .expect("DescribeImages");
+        Ec2Account {
+            security_group: sg.group_id().expect("group id").to_owned(),
+            ami: images.images()[0].image_id().expect("image id").to_owned(),
+            subnets,
+            client,
+        }
+    }
+}
