@@ -83,6 +83,8 @@ pub struct PoolMetrics {
     drain_duration: HistogramVec,
     drain_failures: IntCounterVec,
     scale_up_nodes: IntCounterVec,
+    scale_ups: IntCounterVec,
+    scale_downs: IntCounterVec,
     nodes: prometheus::IntGaugeVec,
     pool_size: prometheus::IntGaugeVec,
     min_standby: prometheus::IntGaugeVec,
@@ -129,7 +131,7 @@ impl PoolMetrics {
         };
         let decision_latency = seconds(
             "stratos_scale_up_decision_seconds",
-            "From a pod becoming unschedulable to StartInstances issued for it.",
+            "From Stratos seeing a pod unschedulable to StartInstances issued for it.",
             vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0],
         )?;
         let pending_to_scheduled = seconds(
@@ -161,6 +163,20 @@ impl PoolMetrics {
             ),
             &["pool", "source"],
         )?;
+        let scale_ups = IntCounterVec::new(
+            Opts::new(
+                "stratos_scale_ups_total",
+                "Scale-up decisions that added nodes for pending pods, by source.",
+            ),
+            &["pool", "source"],
+        )?;
+        let scale_downs = IntCounterVec::new(
+            Opts::new(
+                "stratos_scale_downs_total",
+                "Empty nodes drained and stopped back into standby.",
+            ),
+            &["pool"],
+        )?;
         for h in [
             &decision_latency,
             &pending_to_scheduled,
@@ -169,6 +185,8 @@ impl PoolMetrics {
         ] {
             registry.register(Box::new(h.clone()))?;
         }
+        registry.register(Box::new(scale_ups.clone()))?;
+        registry.register(Box::new(scale_downs.clone()))?;
         registry.register(Box::new(drain_failures.clone()))?;
         registry.register(Box::new(scale_up_nodes.clone()))?;
         for c in [&nodes, &pool_size, &min_standby] {
@@ -185,6 +203,8 @@ impl PoolMetrics {
             drain_duration,
             drain_failures,
             scale_up_nodes,
+            scale_ups,
+            scale_downs,
             nodes,
             pool_size,
             min_standby,
@@ -204,6 +224,23 @@ impl PoolMetrics {
         for (state, n) in by_state {
             self.nodes.with_label_values(&[pool, state]).set(*n);
         }
+        // Counters and histograms exist from the pool's first reconcile, at zero, so rates
+        // and alerts see a series before the first event.
+        for source in ["standby", "launch"] {
+            self.scale_ups.with_label_values(&[pool, source]);
+            self.scale_up_nodes.with_label_values(&[pool, source]);
+        }
+        self.scale_downs.with_label_values(&[pool]);
+        self.drain_failures.with_label_values(&[pool, "timeout"]);
+        for h in [
+            &self.decision_latency,
+            &self.pending_to_scheduled,
+            &self.start_to_ready,
+            &self.drain_duration,
+            &self.warmup_duration,
+        ] {
+            h.with_label_values(&[pool]);
+        }
     }
 
     pub fn warmup_result(&self, pool: &str, result: &str, duration: Option<Duration>) {
@@ -222,6 +259,9 @@ impl PoolMetrics {
         nodes: usize,
         decision_latencies: &[Duration],
     ) {
+        if nodes > 0 {
+            self.scale_ups.with_label_values(&[pool, source]).inc();
+        }
         self.scale_up_nodes
             .with_label_values(&[pool, source])
             .inc_by(nodes as u64);
@@ -245,6 +285,7 @@ impl PoolMetrics {
     }
 
     pub fn drained(&self, pool: &str, took: Duration) {
+        self.scale_downs.with_label_values(&[pool]).inc();
         self.drain_duration
             .with_label_values(&[pool])
             .observe(took.as_secs_f64());
@@ -283,7 +324,9 @@ impl PoolMetrics {
         }
         for source in ["standby", "launch"] {
             let _ = self.scale_up_nodes.remove_label_values(&[pool, source]);
+            let _ = self.scale_ups.remove_label_values(&[pool, source]);
         }
+        let _ = self.scale_downs.remove_label_values(&[pool]);
         let _ = self.drain_failures.remove_label_values(&[pool, "timeout"]);
         for s in states {
             let _ = self.nodes.remove_label_values(&[pool, s]);
@@ -291,5 +334,36 @@ impl PoolMetrics {
         for r in results {
             let _ = self.warmup_results.remove_label_values(&[pool, r]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deleted_pool_leaves_no_series_behind() {
+        let m = PoolMetrics::detached();
+        for pool in ["gone", "kept"] {
+            m.set_pool(pool, 10, 3, &[("standby", 3), ("running", 1)]);
+            m.warmup_result(pool, "completed", Some(Duration::from_secs(90)));
+            m.scale_up(pool, "standby", 2, &[Duration::from_millis(120)]);
+            m.scale_up(pool, "launch", 1, &[]);
+            m.pod_scheduled(pool, Duration::from_secs(9));
+            m.node_ready_after_start(pool, Duration::from_secs(14));
+            m.drained(pool, Duration::from_secs(30));
+            m.drain_failed(pool, "timeout");
+        }
+        let before = m.render();
+        assert!(before.contains("stratos_scale_ups_total{pool=\"gone\",source=\"standby\"} 1"));
+        assert!(before.contains("stratos_scale_downs_total{pool=\"gone\"} 1"));
+        m.remove_pool("gone", &["standby", "running"], &["completed"]);
+        let after = m.render();
+        let leftovers: Vec<_> = after
+            .lines()
+            .filter(|l| l.contains("pool=\"gone\""))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:#?}");
+        assert!(after.contains("stratos_pool_nodes{pool=\"kept\",state=\"standby\"} 3"));
     }
 }

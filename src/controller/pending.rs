@@ -3,7 +3,7 @@
 //! (uncordoned, standby taint removed) first, then one StartInstances per pool.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     future::Future,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -137,12 +137,15 @@ pub async fn run(ctx: Arc<Context>, pools: Store<NodePool>, shutdown: impl Futur
     let mut reported: HashMap<String, Instant> = HashMap::new();
     // Pods a start was issued for: (pool, pending since), until they are scheduled.
     let mut served: HashMap<String, (String, SystemTime)> = HashMap::new();
+    // When this process first saw each pending pod: condition timestamps have one-second
+    // precision, too coarse for a decision that takes milliseconds.
+    let mut seen: HashMap<String, SystemTime> = HashMap::new();
     loop {
         observe_scheduled(&ctx, &mut served);
         // Batch window: wait for the first pending pod, then until no new one arrives for
         // IDLE (at most MAX_WAIT), so a burst becomes one decision.
         let first_seen = loop {
-            if !pending_pods(&ctx).is_empty() {
+            if !note_seen(&ctx, &mut seen).is_empty() {
                 break Instant::now();
             }
             tokio::select! {
@@ -153,19 +156,35 @@ pub async fn run(ctx: Arc<Context>, pools: Store<NodePool>, shutdown: impl Futur
         let mut count = pending_pods(&ctx).len();
         while first_seen.elapsed() < MAX_WAIT {
             tokio::time::sleep(IDLE).await;
-            let now = pending_pods(&ctx).len();
+            let now = note_seen(&ctx, &mut seen).len();
             if now == count {
                 break;
             }
             count = now;
         }
-        scale_up_round(&ctx, &pools, &mut reported, &mut served).await;
+        scale_up_round(&ctx, &pools, &mut reported, &mut served, &seen).await;
         observe_scheduled(&ctx, &mut served);
         tokio::select! {
             _ = &mut shutdown => return,
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
     }
+}
+
+/// The pending pods now, stamping the ones not seen before and forgetting the gone ones.
+fn note_seen(ctx: &Context, seen: &mut HashMap<String, SystemTime>) -> Vec<Arc<Pod>> {
+    let pods = pending_pods(ctx);
+    let now = SystemTime::now();
+    let keys: HashSet<String> = pods.iter().map(|p| pod_key(p)).collect();
+    seen.retain(|k, _| keys.contains(k));
+    for key in keys {
+        seen.entry(key).or_insert(now);
+    }
+    pods
+}
+
+fn pod_key(pod: &Pod) -> String {
+    format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
 }
 
 pub(crate) fn node_free(node: &Node, pods_on_node: &[Arc<Pod>]) -> Resources {
@@ -200,12 +219,7 @@ fn observe_scheduled(ctx: &Context, served: &mut HashMap<String, (String, System
         .pods
         .state()
         .into_iter()
-        .map(|p| {
-            (
-                format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()),
-                p,
-            )
-        })
+        .map(|p| (pod_key(&p), p))
         .collect();
     served.retain(|key, (pool, since)| match pods.get(key) {
         None => false,
@@ -228,6 +242,7 @@ async fn scale_up_round(
     pools: &Store<NodePool>,
     reported: &mut HashMap<String, Instant>,
     served: &mut HashMap<String, (String, SystemTime)>,
+    seen: &HashMap<String, SystemTime>,
 ) {
     let pods = pending_pods(ctx);
     if pods.is_empty() {
@@ -326,7 +341,7 @@ async fn scale_up_round(
     let pending: Vec<PendingPod> = pods
         .iter()
         .map(|p| PendingPod {
-            key: format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()),
+            key: pod_key(p),
             spec: p.spec.clone().unwrap_or_default(),
             requests: pod_requests(p),
             images: p
@@ -403,12 +418,10 @@ async fn scale_up_round(
         let now = SystemTime::now();
         let mut latencies = Vec::new();
         for key in &scale.pods {
-            if let Some(p) = pods
-                .iter()
-                .find(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()) == *key)
-            {
+            if let Some(p) = pods.iter().find(|p| pod_key(p) == *key) {
                 let since = pending_since(p);
-                latencies.push(now.duration_since(since).unwrap_or_default());
+                let decided_from = seen.get(key).copied().unwrap_or(since);
+                latencies.push(now.duration_since(decided_from).unwrap_or_default());
                 served.insert(key.clone(), (scale.pool.clone(), since));
             }
         }
@@ -458,10 +471,7 @@ async fn scale_up_round(
             continue;
         }
         reported.insert(key.clone(), Instant::now());
-        if let Some(pod) = pods
-            .iter()
-            .find(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()) == *key)
-        {
+        if let Some(pod) = pods.iter().find(|p| pod_key(p) == *key) {
             tracing::info!(pod = %key, reason, "no pool can serve this pod");
             ctx.publish(&**pod, true, "PoolExhausted", reason.clone())
                 .await;

@@ -676,3 +676,41 @@ async fn bookmarks_arrive_on_quiet_watches_and_json_patches_apply() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn apply_conflicts_until_another_writer_removes_the_field() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let server = ApiServer::start_with_repo_crds().await;
+    let leases: Api<Lease> = Api::namespaced(server.client(), "default");
+    leases
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "l"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let claim = |who: &str| json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "spec": {"holderIdentity": who}});
+    leases
+        .patch("l", &PatchParams::apply("a"), &Patch::Apply(claim("a")))
+        .await
+        .unwrap();
+    let err = leases
+        .patch("l", &PatchParams::apply("b"), &Patch::Apply(claim("b")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 409 && s.message.contains(".spec.holderIdentity")),
+        "{err}"
+    );
+    // b clears the field with an ordinary patch; nobody owns it any more.
+    let clear = json!({"spec": {"holderIdentity": null}});
+    leases
+        .patch("l", &PatchParams::default(), &Patch::Strategic(clear))
+        .await
+        .unwrap();
+    let now = leases
+        .patch("l", &PatchParams::apply("b"), &Patch::Apply(claim("b")))
+        .await
+        .unwrap();
+    assert_eq!(now.spec.unwrap().holder_identity.as_deref(), Some("b"));
+}

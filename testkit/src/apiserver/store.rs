@@ -136,8 +136,13 @@ fn key_of(def: &ResourceDef, ns: &str, name: &str) -> Key {
 }
 
 pub fn now_rfc3339() -> String {
+    // Like metav1.Time: whole seconds, truncated.
     jiff::Timestamp::now()
-        .round(jiff::Unit::Second)
+        .round(
+            jiff::TimestampRound::new()
+                .smallest(jiff::Unit::Second)
+                .mode(jiff::RoundMode::Trunc),
+        )
         .map(|t| t.to_string())
         .unwrap_or_else(|_| jiff::Timestamp::now().to_string())
 }
@@ -590,6 +595,15 @@ impl Store {
         }
         let rv = self.next_rv();
         meta_mut(&mut new).insert("resourceVersion".into(), json!(rv.to_string()));
+        // A field that a write removed is no longer owned by anyone, as on the real server:
+        // a later apply of it conflicts with nobody.
+        for ((k, _), owners) in self.collection(def).managers.iter_mut() {
+            if *k == key {
+                for fields in owners.values_mut() {
+                    fields.retain(|f| patch::field_value(&new, f).is_some());
+                }
+            }
+        }
         self.collection(def).objects.insert(key, new.clone());
         let change = self.record(def, ChangeKind::Modified, new.clone(), Some(existing));
         Ok((new, Some(change)))
