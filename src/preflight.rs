@@ -38,14 +38,26 @@ pub struct Clients {
     pub aws: aws_config::SdkConfig,
 }
 
+/// The User-Agent of every Stratos request, so API server audit logs name the operator.
+pub const USER_AGENT: &str = concat!("stratos/", env!("CARGO_PKG_VERSION"));
+
+/// Marks a client configuration as Stratos' own (see [`USER_AGENT`]).
+pub fn identify(config: &mut kube::Config) {
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(USER_AGENT),
+    ));
+}
+
 pub async fn connect(cfg: &RunConfig) -> Result<Clients, PreflightError> {
     // Local configuration first: it needs no network, so its errors come before any timeout.
     let aws =
         ec2::sdk_config_from_env(cfg.region.as_deref(), cfg.aws_endpoint_url.as_deref()).await?;
 
-    let config = kube::Config::infer()
+    let mut config = kube::Config::infer()
         .await
         .map_err(|e| PreflightError::KubeConfig(e.to_string()))?;
+    identify(&mut config);
     let url = config.cluster_url.to_string();
     let mut eviction_config = config.clone();
     eviction_config.default_retry = false;

@@ -149,7 +149,11 @@ impl TestCluster {
     /// FakeCloud. Dropping (or [`Operator::kill`]ing) the handle stops them at once, like a
     /// crashed pod.
     pub fn start_operator(&self) -> Operator {
-        let mut eviction_config = self.config.clone();
+        // The operator's own clients, named like the binary's, so audits can tell its calls.
+        let mut operator_config = self.config.clone();
+        stratos::preflight::identify(&mut operator_config);
+        let client = Client::try_from(operator_config.clone()).expect("operator client");
+        let mut eviction_config = operator_config;
         eviction_config.default_retry = false;
         let eviction = Client::try_from(eviction_config).expect("eviction client");
         let mut config = OperatorConfig::new(&self.cluster_name);
@@ -161,7 +165,7 @@ impl TestCluster {
         let cloud: Arc<dyn CloudProvider> = self.cloud.clone();
         let metrics = Arc::new(PoolMetrics::detached());
         let task = tokio::spawn(stratos::controller::run(
-            self.client.clone(),
+            client,
             eviction,
             cloud,
             config,

@@ -63,6 +63,8 @@ pub struct AuditEntry {
     pub path: String,
     pub query: String,
     pub code: u16,
+    /// The client's User-Agent header (Stratos sends `stratos/<version>`).
+    pub user_agent: String,
 }
 
 struct Shared {
@@ -136,6 +138,12 @@ impl ApiServer {
                         let method = req.method().to_string();
                         let path = req.uri().path().to_owned();
                         let query = req.uri().query().unwrap_or("").to_owned();
+                        let user_agent = req
+                            .headers()
+                            .get(http::header::USER_AGENT)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned();
                         async move {
                             let response = handle(shared.clone(), req).await;
                             let code = response.status().as_u16();
@@ -144,6 +152,7 @@ impl ApiServer {
                                 path,
                                 query,
                                 code,
+                                user_agent,
                             });
                             Ok::<_, Infallible>(response)
                         }
