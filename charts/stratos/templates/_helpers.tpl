@@ -31,3 +31,8 @@ app.kubernetes.io/part-of: stratos
 {{- define "stratos.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
+
+{{/* "true" when pre-pull pods live outside the release namespace. */}}
+{{- define "stratos.separatePrepullNamespace" -}}
+{{- if and .Values.prepullNamespace (ne .Values.prepullNamespace .Release.Namespace) -}}true{{- end -}}
+{{- end -}}
