@@ -198,3 +198,57 @@ fn alerts_and_dashboard_query_only_exported_metrics() {
         .collect();
     assert!(missing.is_empty(), "not on the dashboard: {missing:?}");
 }
+
+#[test]
+fn the_iam_policy_covers_every_ec2_call_and_is_tag_conditioned() {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let text = std::fs::read_to_string(format!("{repo}/examples/iam/iam-policy.json")).unwrap();
+    let policy: Value = serde_json::from_str(&text).unwrap();
+    // The chart's README carries the same document.
+    let readme = std::fs::read_to_string(format!("{CHART}/README.md")).unwrap();
+    let block = readme
+        .split("```json\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a json block in the chart README");
+    assert_eq!(serde_json::from_str::<Value>(block).unwrap(), policy);
+    let statements = policy["Statement"].as_array().unwrap();
+    let actions = |s: &Value| -> Vec<String> {
+        match &s["Action"] {
+            Value::String(a) => vec![a.clone()],
+            Value::Array(list) => list
+                .iter()
+                .map(|a| a.as_str().unwrap().to_owned())
+                .collect(),
+            _ => vec![],
+        }
+    };
+    for op in Operation::ALL {
+        let action = format!("ec2:{}", op.as_str());
+        assert!(
+            statements.iter().any(|s| actions(s).contains(&action)),
+            "{action} is not allowed"
+        );
+    }
+    // Every action that changes an instance is conditioned on this cluster's tag.
+    for s in statements {
+        for a in actions(s) {
+            let mutating = [
+                "ec2:StartInstances",
+                "ec2:StopInstances",
+                "ec2:TerminateInstances",
+            ];
+            if mutating.contains(&a.as_str()) {
+                assert_eq!(
+                    s["Condition"]["StringEquals"]["ec2:ResourceTag/stratos.sh/cluster"],
+                    "CLUSTER_NAME",
+                    "{a}"
+                );
+            }
+        }
+        assert!(
+            !actions(s).iter().any(|a| a.ends_with(":*")),
+            "no wildcard actions"
+        );
+    }
+}

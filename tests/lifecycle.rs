@@ -990,14 +990,14 @@ async fn a_pod_no_pool_can_serve_starts_nothing() {
         Api::default_namespaced(cluster.client.clone());
     cluster
         .wait_for(
-            "a PoolExhausted event on the pod",
+            "a NoMatchingPool event on the pod",
             Duration::from_secs(15),
             || async {
                 let list = events.list(&ListParams::default()).await.ok()?;
                 list.items
                     .iter()
                     .any(|e| {
-                        e.reason.as_deref() == Some("PoolExhausted")
+                        e.reason.as_deref() == Some("NoMatchingPool")
                             && e.regarding.as_ref().and_then(|r| r.name.as_deref())
                                 == Some("misfit")
                     })

@@ -272,6 +272,7 @@ fn demand_nodes(
     // nodes go to the pods; with them, how many more to launch.
     let mut with_warming = PoolCandidate {
         name: pool.name_any(),
+        labels: pool.spec.template.labels.clone(),
         taints: vec![],
         starting: vec![],
         standby: vec![],

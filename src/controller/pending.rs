@@ -283,6 +283,7 @@ async fn scale_up_round(
         let name = pool.name_any();
         let mut candidate = PoolCandidate {
             name: name.clone(),
+            labels: pool.spec.template.labels.clone(),
             taints: pool.spec.template.taints.clone(),
             starting: vec![],
             standby: vec![],
@@ -445,6 +446,21 @@ async fn scale_up_round(
             ),
         )
         .await;
+        for id in &outcome.succeeded {
+            if let Some(node) = nodes_by_instance.get(id) {
+                ctx.publish(
+                    &**node,
+                    false,
+                    "NodeStarted",
+                    format!(
+                        "instance {id} started from standby for pool {} ({} pending pod(s) in this scale-up)",
+                        scale.pool,
+                        scale.pods.len()
+                    ),
+                )
+                .await;
+            }
+        }
         let body = json!({
             "apiVersion": "stratos.sh/v1alpha1", "kind": "NodePool",
             "status": {"lastScaleUp": {"time": jiff::Timestamp::now().to_string(), "nodes": started, "pods": scale.pods.len()}},
@@ -466,14 +482,14 @@ async fn scale_up_round(
     }
     // Pods nothing can serve: one event each, repeated at most every 10 minutes.
     reported.retain(|_, at| at.elapsed() < Duration::from_secs(600));
-    for (key, reason) in &decision.unserved {
+    for (key, why) in &decision.unserved {
         if reported.contains_key(key) {
             continue;
         }
         reported.insert(key.clone(), Instant::now());
         if let Some(pod) = pods.iter().find(|p| pod_key(p) == *key) {
-            tracing::info!(pod = %key, reason, "no pool can serve this pod");
-            ctx.publish(&**pod, true, "PoolExhausted", reason.clone())
+            tracing::info!(pod = %key, reason = why.reason(), "no pool can serve this pod");
+            ctx.publish(&**pod, true, why.reason(), why.message().to_owned())
                 .await;
         }
     }

@@ -56,6 +56,9 @@ pub struct CandidateNode {
 #[derive(Debug, Clone)]
 pub struct PoolCandidate {
     pub name: String,
+    /// The template's labels: what every node of the pool carries, for telling a pod that
+    /// no pool matches from one that waits for capacity when no node is left to look at.
+    pub labels: BTreeMap<String, String>,
     /// Taints every node of the pool carries permanently.
     pub taints: Vec<Taint>,
     /// Started and not yet Ready: capacity already on its way.
@@ -72,11 +75,47 @@ pub struct PoolScaleUp {
     pub pods: Vec<String>,
 }
 
+/// Why a pending pod gets no node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unserved {
+    /// No pool's labels, taints and affinity admit it.
+    NoMatchingPool,
+    /// No node of any matching pool could hold it.
+    TooLarge,
+    /// It would fit, but no standby node is left.
+    Exhausted,
+}
+
+impl Unserved {
+    /// The event reason (SPEC §8.2).
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::NoMatchingPool => "NoMatchingPool",
+            Self::TooLarge => "PodTooLarge",
+            Self::Exhausted => "PoolExhausted",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::NoMatchingPool => {
+                "no NodePool matches this pod's node selector, affinity and tolerations"
+            }
+            Self::TooLarge => {
+                "the pod's requests exceed what one node of any matching pool can hold"
+            }
+            Self::Exhausted => {
+                "no standby capacity left in a matching pool; new nodes are launched while the pool is below poolSize"
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ScaleUp {
     pub pools: Vec<PoolScaleUp>,
-    /// Pods no pool can serve: (pod, reason).
-    pub unserved: Vec<(String, String)>,
+    /// Pods no pool can serve, and why.
+    pub unserved: Vec<(String, Unserved)>,
 }
 
 fn pool_accepts(pool: &PoolCandidate, pod: &PendingPod) -> bool {
@@ -122,10 +161,26 @@ pub fn plan_scale_up(pods: &[PendingPod], pools: &[PoolCandidate]) -> ScaleUp {
     for pod in order {
         let mut placed = false;
         let mut too_large_everywhere = true;
+        let mut matched = false;
         for (i, pool) in pools.iter().enumerate() {
             if !pool_accepts(pool, pod) {
                 continue;
             }
+            // Nodes carry the well-known labels too, so they are the better judge; the
+            // template's labels serve when no candidate node is left.
+            let mut candidates = starting[i]
+                .iter()
+                .chain(opened[i].iter())
+                .chain(closed[i].iter())
+                .peekable();
+            let matches = match candidates.peek() {
+                Some(_) => candidates.any(|n| node_accepts(n, pod)),
+                None => selector_matches(&pod.spec, &pool.labels, ""),
+            };
+            if !matches {
+                continue;
+            }
+            matched = true;
             // Capacity already on its way (in flight) or opened for an earlier pod.
             for node in starting[i].iter_mut().chain(opened[i].iter_mut()) {
                 if node_accepts(node, pod) && fits(&node.free, &pod.requests) {
@@ -190,16 +245,18 @@ pub fn plan_scale_up(pods: &[PendingPod], pools: &[PoolCandidate]) -> ScaleUp {
             }
         }
         if !placed {
-            let reason = if too_large_everywhere
+            let reason = if !matched {
+                Unserved::NoMatchingPool
+            } else if too_large_everywhere
                 && pools
                     .iter()
                     .any(|p| !p.standby.is_empty() || !p.starting.is_empty())
             {
-                "no pool has a node this pod fits on (PodTooLarge or no matching pool)"
+                Unserved::TooLarge
             } else {
-                "no standby capacity left in a matching pool"
+                Unserved::Exhausted
             };
-            unserved.push((pod.key.clone(), reason.to_owned()));
+            unserved.push((pod.key.clone(), reason));
         }
     }
     ScaleUp {
@@ -261,6 +318,7 @@ mod tests {
     ) -> PoolCandidate {
         PoolCandidate {
             name: name.into(),
+            labels: BTreeMap::new(),
             taints: vec![],
             starting,
             standby,
@@ -356,6 +414,7 @@ mod tests {
         let pools = vec![
             PoolCandidate {
                 name: "b-gpu".into(),
+                labels: BTreeMap::new(),
                 taints: vec![gpu_taint],
                 starting: vec![],
                 standby: vec![node("i-g", "a", 8.0, &[], 0, json!({"pool": "gpu"}))],
@@ -414,7 +473,36 @@ mod tests {
             "one pool per pod, chosen by name"
         );
         assert!(!by_pool.contains_key("c-ci2"));
-        let unserved: Vec<&str> = plan.unserved.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(unserved, vec!["huge", "gpu-intolerant", "nowhere"]);
+        let unserved: Vec<(&str, &str)> = plan
+            .unserved
+            .iter()
+            .map(|(k, why)| (k.as_str(), why.reason()))
+            .collect();
+        assert_eq!(
+            unserved,
+            vec![
+                ("huge", "PodTooLarge"),
+                ("gpu-intolerant", "NoMatchingPool"),
+                ("nowhere", "NoMatchingPool")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_pool_without_nodes_left_tells_a_misfit_from_a_wait() {
+        let mut empty = pool("ci", vec![], vec![]);
+        empty.labels = BTreeMap::from([("pool".to_owned(), "ci".to_owned())]);
+        let pods = [
+            pod("waits", 1.0, json!({"nodeSelector": {"pool": "ci"}}), &[]),
+            pod("misfit", 1.0, json!({"nodeSelector": {"pool": "tpu"}}), &[]),
+        ];
+        let plan = plan_scale_up(&pods, &[empty]);
+        let reasons: BTreeMap<&str, &str> = plan
+            .unserved
+            .iter()
+            .map(|(k, why)| (k.as_str(), why.reason()))
+            .collect();
+        assert_eq!(reasons["waits"], "PoolExhausted");
+        assert_eq!(reasons["misfit"], "NoMatchingPool");
     }
 }
