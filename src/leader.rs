@@ -4,7 +4,8 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use futures::{FutureExt, future::BoxFuture};
-use kube::Client;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
 use kube_lease_manager::{LeaseManagerBuilder, LeaseManagerError};
 
 use crate::http::{Health, Phase};
@@ -77,6 +78,7 @@ where
     Fut: Future<Output = ()>,
 {
     let lease = format!("{}/{}", config.namespace, config.lease_name);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
     let manager = LeaseManagerBuilder::new(client, &config.lease_name)
         .with_namespace(&config.namespace)
         .with_identity(&config.identity)
@@ -119,6 +121,7 @@ where
             // Resolves once the watcher reports the lease gone (or dies).
             while leading.changed().await.is_ok() && *leading.borrow_and_update() {}
         } => Why::Lost,
+        _ = still_held(&leases, config) => Why::Lost,
         _ = &mut controllers => Why::Finished,
     };
     if !matches!(why, Why::Finished) {
@@ -144,6 +147,43 @@ where
         Why::Shutdown => Ok(Outcome::Shutdown),
         Why::Lost => Err(LeaderError::Lost),
         Why::Finished => Ok(Outcome::Finished),
+    }
+}
+
+/// How long before the lease's expiry (by our clock) a leader that could not confirm a
+/// renewal stops: a candidate takes over only after the expiry, so no two leaders overlap
+/// unless the clocks disagree by more than this.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(1);
+
+/// Resolves when this process can no longer be sure it holds the lease: another identity
+/// holds it, or no renewal could be confirmed and the lease is about to expire. The lease
+/// manager notices both only at its next renewal, while an unreachable API server would
+/// leave it believing it leads; this check bounds that.
+async fn still_held(leases: &Api<Lease>, config: &LeaderConfig) {
+    let period = (config.lease_duration / 6).max(Duration::from_millis(500));
+    let mut expiry = std::time::SystemTime::now() + config.lease_duration;
+    loop {
+        tokio::time::sleep(period).await;
+        match tokio::time::timeout(period, leases.get(&config.lease_name)).await {
+            Ok(Ok(lease)) => {
+                let spec = lease.spec.unwrap_or_default();
+                if spec.holder_identity.as_deref() != Some(config.identity.as_str()) {
+                    tracing::error!(holder = ?spec.holder_identity, "the leader lease is held by another replica");
+                    return;
+                }
+                if let (Some(renewed), Some(secs)) = (spec.renew_time, spec.lease_duration_seconds)
+                {
+                    expiry = std::time::SystemTime::from(renewed.0)
+                        + Duration::from_secs(secs.max(0) as u64);
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the leader lease"),
+            Err(_) => tracing::warn!("reading the leader lease timed out"),
+        }
+        if std::time::SystemTime::now() + EXPIRY_MARGIN >= expiry {
+            tracing::error!("no lease renewal confirmed before its expiry");
+            return;
+        }
     }
 }
 

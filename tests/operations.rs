@@ -405,3 +405,109 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
     let log = replicas[s].log();
     assert!(log.contains("released the leader lease"), "{log}");
 }
+
+/// Runs `run_elected` in the background; returns (became-leader signal, controllers-stopped
+/// signal, the election's outcome).
+#[allow(clippy::type_complexity)]
+fn elect(
+    client: kube::Client,
+    config: stratos::leader::LeaderConfig,
+) -> (
+    tokio::sync::oneshot::Receiver<()>,
+    tokio::sync::oneshot::Receiver<()>,
+    tokio::task::JoinHandle<Result<stratos::leader::Outcome, stratos::leader::LeaderError>>,
+) {
+    let (leading_tx, leading_rx) = tokio::sync::oneshot::channel();
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        stratos::leader::run_elected(
+            client,
+            &config,
+            stratos::http::Health::new(),
+            futures::future::pending::<()>(),
+            |stop| async move {
+                let _ = leading_tx.send(());
+                stop.await;
+                let _ = stopped_tx.send(());
+            },
+        )
+        .await
+    });
+    (leading_rx, stopped_rx, task)
+}
+
+fn lease_config(duration: u64) -> stratos::leader::LeaderConfig {
+    stratos::leader::LeaderConfig {
+        lease_name: LEASE.into(),
+        namespace: "default".into(),
+        identity: stratos::leader::identity(),
+        lease_duration: Duration::from_secs(duration),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stops_acting_when_another_holds_the_lease() {
+    let server = ApiServer::start_with_repo_crds().await;
+    let (leading, stopped, election) = elect(server.client(), lease_config(6));
+    tokio::time::timeout(Duration::from_secs(10), leading)
+        .await
+        .expect("leads")
+        .unwrap();
+    // Someone else takes the lease (e.g. after a long pause of this process).
+    let leases: Api<Lease> = Api::namespaced(server.client(), "default");
+    let taken = Instant::now();
+    leases
+        .patch(
+            LEASE,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {
+                "holderIdentity": "intruder",
+                "renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now()),
+                "leaseDurationSeconds": 6,
+            }})),
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("the controllers stop")
+        .unwrap();
+    let outcome = election.await.unwrap();
+    println!(
+        "stopped {:.1}s after the lease was taken: {outcome:?}",
+        taken.elapsed().as_secs_f64()
+    );
+    assert!(matches!(outcome, Err(stratos::leader::LeaderError::Lost)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_the_api_server_stops_before_its_lease_expires() {
+    let server = ApiServer::start_with_repo_crds().await;
+    let client = server.client();
+    let (leading, stopped, election) = elect(client.clone(), lease_config(6));
+    tokio::time::timeout(Duration::from_secs(10), leading)
+        .await
+        .expect("leads")
+        .unwrap();
+    let leases: Api<Lease> = Api::namespaced(client, "default");
+    let lease = leases.get(LEASE).await.unwrap().spec.unwrap();
+    let expiry = std::time::SystemTime::from(lease.renew_time.unwrap().0) + Duration::from_secs(6);
+    drop(server);
+    // No renewal can land: the controllers must stop before the lease could pass to a
+    // standby, i.e. before its expiry.
+    tokio::time::timeout(Duration::from_secs(20), stopped)
+        .await
+        .expect("the controllers stop")
+        .unwrap();
+    let now = std::time::SystemTime::now();
+    assert!(
+        now < expiry + Duration::from_millis(500),
+        "stopped {:?} after the expiry",
+        now.duration_since(expiry).unwrap_or_default()
+    );
+    let outcome = tokio::time::timeout(Duration::from_secs(10), election)
+        .await
+        .expect("returns")
+        .unwrap();
+    assert!(matches!(outcome, Err(stratos::leader::LeaderError::Lost)));
+}
