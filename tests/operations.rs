@@ -480,19 +480,59 @@ async fn a_leader_stops_acting_when_another_holds_the_lease() {
     assert!(matches!(outcome, Err(stratos::leader::LeaderError::Lost)));
 }
 
+/// A TCP forwarder to the API server that can be cut: every open connection is dropped and
+/// new ones are refused, as when a network partition isolates the leader.
+struct Partition {
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Partition {
+    async fn start(upstream: std::net::SocketAddr) -> Partition {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut down, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+            }
+        });
+        Partition { addr, task }
+    }
+
+    /// Drops the listener and, with the JoinSet, every forwarded connection.
+    fn cut(&self) {
+        self.task.abort();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_cut_off_from_the_api_server_stops_before_its_lease_expires() {
     let server = ApiServer::start_with_repo_crds().await;
-    let client = server.client();
-    let (leading, stopped, election) = elect(client.clone(), lease_config(6));
+    let upstream: std::net::SocketAddr = server
+        .url()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let partition = Partition::start(upstream).await;
+    let mut config = server.config();
+    config.cluster_url = format!("http://{}", partition.addr).parse().unwrap();
+    let client = kube::Client::try_from(config).unwrap();
+    let (leading, stopped, election) = elect(client, lease_config(6));
     tokio::time::timeout(Duration::from_secs(10), leading)
         .await
         .expect("leads")
         .unwrap();
-    let leases: Api<Lease> = Api::namespaced(client, "default");
+    let leases: Api<Lease> = Api::namespaced(server.client(), "default");
     let lease = leases.get(LEASE).await.unwrap().spec.unwrap();
-    let expiry = std::time::SystemTime::from(lease.renew_time.unwrap().0) + Duration::from_secs(6);
-    drop(server);
+    let expiry =
+        std::time::SystemTime::from(lease.renew_time.clone().unwrap().0) + Duration::from_secs(6);
+    partition.cut();
     // No renewal can land: the controllers must stop before the lease could pass to a
     // standby, i.e. before its expiry.
     tokio::time::timeout(Duration::from_secs(20), stopped)
@@ -504,6 +544,11 @@ async fn a_leader_cut_off_from_the_api_server_stops_before_its_lease_expires() {
         now < expiry + Duration::from_millis(500),
         "stopped {:?} after the expiry",
         now.duration_since(expiry).unwrap_or_default()
+    );
+    let still = leases.get(LEASE).await.unwrap().spec.unwrap();
+    assert_eq!(
+        still.renew_time, lease.renew_time,
+        "no renewal landed through the partition"
     );
     let outcome = tokio::time::timeout(Duration::from_secs(10), election)
         .await
