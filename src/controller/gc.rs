@@ -47,7 +47,12 @@ pub async fn collect(ctx: &Context, pools: &Store<NodePool>) {
         for (id, e) in outcome.failed {
             tracing::warn!(instance = %id, error = %e, "could not terminate an orphaned instance");
         }
-        ctx.instances.invalidate().await;
+        ctx.instances
+            .record(super::instances::Change::State(
+                &outcome.succeeded,
+                crate::cloud::InstanceState::ShuttingDown,
+            ))
+            .await;
     }
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     for node in ctx.stores.nodes.state() {

@@ -28,13 +28,13 @@ use kube::{
 use serde_json::json;
 use tokio::sync::Notify;
 
-use super::{Context, Error, drain};
+use super::{Context, Error, drain, instances::Change};
 use crate::{
     api::{
         NodePool, NodePoolStatus,
         nodepool::{NodePoolSpec, POOL_LABEL, STATE_LABEL},
     },
-    cloud::{Instance, LaunchRequest, LaunchSpec, parse_provider_id, tags},
+    cloud::{Instance, InstanceState, LaunchRequest, LaunchSpec, parse_provider_id, tags},
     pool::{
         nodeclass_hash,
         plan::{
@@ -632,7 +632,6 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
     let name = pool.name_any();
     let mut errors = Vec::new();
     let member = |id: &str| g.snapshot.members.iter().find(|m| m.id() == id);
-    let mut changed_cloud = false;
 
     // Terminations first, so a launch in the same round sees the room they make.
     let terminations: Vec<(&String, &Option<String>, &TerminateReason)> = plan
@@ -650,7 +649,12 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
     if !terminations.is_empty() {
         let ids: Vec<String> = terminations.iter().map(|(i, ..)| (*i).clone()).collect();
         let outcome = ctx.cloud.terminate_instances(&ids).await;
-        changed_cloud = true;
+        ctx.instances
+            .record(Change::State(
+                &outcome.succeeded,
+                InstanceState::ShuttingDown,
+            ))
+            .await;
         for (id, node, reason) in &terminations {
             if let Some((_, e)) = outcome.failed.iter().find(|(f, _)| f == *id) {
                 tracing::warn!(pool = %name, instance = %id, error = %e, "terminate failed");
@@ -778,7 +782,9 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
     }
     if !to_stop.is_empty() {
         let outcome = ctx.cloud.stop_instances(&to_stop).await;
-        changed_cloud = true;
+        ctx.instances
+            .record(Change::State(&outcome.succeeded, InstanceState::Stopping))
+            .await;
         for (id, e) in &outcome.failed {
             tracing::warn!(pool = %name, instance = %id, error = %e, "stop failed");
             errors.push(Error::Cloud(e.clone()));
@@ -811,8 +817,9 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
             tags::STATE.to_owned(),
             NodeState::Standby.as_str().to_owned(),
         )]);
-        if let Err(e) = ctx.cloud.set_tags(&to_tag, &state).await {
-            errors.push(Error::Cloud(e));
+        match ctx.cloud.set_tags(&to_tag, &state).await {
+            Ok(()) => ctx.instances.record(Change::Tagged(&to_tag, &state)).await,
+            Err(e) => errors.push(Error::Cloud(e)),
         }
     }
 
@@ -826,7 +833,9 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
         .collect();
     if !restarts.is_empty() {
         let outcome = ctx.cloud.start_instances(&restarts).await;
-        changed_cloud = true;
+        ctx.instances
+            .record(Change::State(&outcome.succeeded, InstanceState::Pending))
+            .await;
         tracing::info!(pool = %name, instances = ?restarts, "start (re-)issued for nodes marked starting");
         for (id, e) in &outcome.failed {
             tracing::warn!(pool = %name, instance = %id, error = %e, "start failed");
@@ -958,7 +967,9 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
             existing_per_subnet: existing_per_subnet.clone(),
         };
         let outcome = ctx.cloud.launch(&request).await;
-        changed_cloud = true;
+        ctx.instances
+            .record(Change::Launched(&outcome.instances))
+            .await;
         let ids: Vec<&str> = outcome.instances.iter().map(|i| i.id.as_str()).collect();
         tracing::info!(pool = %name, requested = count, launched = ids.len(), instances = ?ids, "launch for warmup");
         if !outcome.instances.is_empty() {
@@ -978,9 +989,6 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
             ctx.publish(pool, true, "LaunchFailed", e.to_string()).await;
             errors.push(Error::Cloud(e));
         }
-    }
-    if changed_cloud {
-        ctx.instances.invalidate().await;
     }
     errors
 }

@@ -17,12 +17,14 @@ use kube::{
 };
 use serde_json::json;
 
-use super::{Context, nodepool::STANDBY_TAINT};
+use super::{Context, instances::Change, nodepool::STANDBY_TAINT};
 use crate::{
     api::{NodePool, nodepool::STATE_LABEL},
-    cloud::{parse_provider_id, tags},
+    cloud::{InstanceState, parse_provider_id, tags},
     pool::{
-        scaleup::{CandidateNode, PendingPod, PoolCandidate, Resources, plan_scale_up},
+        scaleup::{
+            CandidateNode, PendingPod, PoolCandidate, PoolScaleUp, Resources, plan_scale_up,
+        },
         state::NodeState,
     },
 };
@@ -162,12 +164,46 @@ pub async fn run(ctx: Arc<Context>, pools: Store<NodePool>, shutdown: impl Futur
             }
             count = now;
         }
-        scale_up_round(&ctx, &pools, &mut reported, &mut served, &seen).await;
+        let marked = scale_up_round(&ctx, &pools, &mut reported, &mut served, &seen).await;
         observe_scheduled(&ctx, &mut served);
+        // The next round must see the nodes just marked `starting` as in-flight capacity,
+        // or it would start more for the same pods: wait for the cache to show them
+        // (bounded). With nothing started, pause briefly so unservable pods are not
+        // re-planned in a hot loop.
+        let pause = async {
+            if marked.is_empty() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            } else {
+                wait_until_cached(&ctx, &marked, Duration::from_secs(2)).await;
+            }
+        };
         tokio::select! {
             _ = &mut shutdown => return,
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = pause => {}
         }
+    }
+}
+
+/// Waits until the node cache shows every one of `nodes` as `starting` (or gone).
+async fn wait_until_cached(ctx: &Context, nodes: &[String], limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let behind = nodes.iter().any(|name| {
+            ctx.stores
+                .nodes
+                .get(&kube::runtime::reflector::ObjectRef::new(name))
+                .is_some_and(|n| {
+                    n.labels().get(STATE_LABEL).map(String::as_str)
+                        != Some(NodeState::Starting.as_str())
+                })
+        });
+        if !behind || Instant::now() >= deadline {
+            if behind {
+                tracing::warn!("node cache still behind after a scale-up; planning anyway");
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -243,13 +279,13 @@ async fn scale_up_round(
     reported: &mut HashMap<String, Instant>,
     served: &mut HashMap<String, (String, SystemTime)>,
     seen: &HashMap<String, SystemTime>,
-) {
+) -> Vec<String> {
     let pods = pending_pods(ctx);
     if pods.is_empty() {
-        return;
+        return Vec::new();
     }
     let Ok((_, instances)) = ctx.instances.get().await else {
-        return;
+        return Vec::new();
     };
     let nodes_by_instance: HashMap<String, Arc<Node>> = ctx
         .stores
@@ -359,126 +395,22 @@ async fn scale_up_round(
         })
         .collect();
     let decision = plan_scale_up(&pending, &candidates);
-    let mut started_any = false;
-    for scale in &decision.pools {
-        if scale.start.is_empty() {
-            continue;
-        }
-        let Some(pool) = pools
-            .state()
-            .into_iter()
-            .find(|p| p.name_any() == scale.pool)
-        else {
-            continue;
-        };
-        let mut ids = Vec::new();
-        for id in &scale.start {
-            let Some(node) = nodes_by_instance.get(id) else {
-                continue;
-            };
-            let taints: Vec<_> = node
-                .spec
-                .as_ref()
-                .and_then(|s| s.taints.clone())
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|t| t.key != STANDBY_TAINT)
-                .collect();
-            let patch = json!({
-                "metadata": {
-                    "resourceVersion": node.resource_version(),
-                    "labels": {STATE_LABEL: NodeState::Starting.as_str()},
-                    "annotations": {LAST_USED_ANNOTATION: jiff::Timestamp::now().to_string()},
-                },
-                "spec": {"unschedulable": null, "taints": taints},
-            });
-            let api: Api<Node> = Api::all(ctx.client.clone());
-            match api
-                .patch(
-                    &node.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
-                )
-                .await
-            {
-                Ok(_) => ids.push(id.clone()),
-                Err(e) => {
-                    tracing::warn!(pool = %scale.pool, node = %node.name_any(), error = %e, "could not mark the node starting")
-                }
-            }
-        }
-        if ids.is_empty() {
-            continue;
-        }
-        let outcome = ctx.cloud.start_instances(&ids).await;
-        started_any = true;
-        for (id, e) in &outcome.failed {
-            tracing::warn!(pool = %scale.pool, instance = %id, error = %e, "start failed");
-        }
-        let started = outcome.succeeded.len();
-        let now = SystemTime::now();
-        let mut latencies = Vec::new();
-        for key in &scale.pods {
-            if let Some(p) = pods.iter().find(|p| pod_key(p) == *key) {
-                let since = pending_since(p);
-                let decided_from = seen.get(key).copied().unwrap_or(since);
-                latencies.push(now.duration_since(decided_from).unwrap_or_default());
-                served.insert(key.clone(), (scale.pool.clone(), since));
-            }
-        }
-        ctx.metrics
-            .scale_up(&scale.pool, "standby", started, &latencies);
-        if !outcome.succeeded.is_empty() {
-            let tag = BTreeMap::from([(
-                tags::STATE.to_owned(),
-                NodeState::Starting.as_str().to_owned(),
-            )]);
-            let _ = ctx.cloud.set_tags(&outcome.succeeded, &tag).await;
-        }
-        tracing::info!(pool = %scale.pool, nodes = started, pods = scale.pods.len(), instances = ?outcome.succeeded, "scale-up: started standby nodes");
-        ctx.publish(
-            &*pool,
-            false,
-            "ScaleUp",
-            format!(
-                "started {started} standby node(s) for {} pending pod(s)",
-                scale.pods.len()
-            ),
-        )
-        .await;
-        for id in &outcome.succeeded {
-            if let Some(node) = nodes_by_instance.get(id) {
-                ctx.publish(
-                    &**node,
-                    false,
-                    "NodeStarted",
-                    format!(
-                        "instance {id} started from standby for pool {} ({} pending pod(s) in this scale-up)",
-                        scale.pool,
-                        scale.pods.len()
-                    ),
-                )
-                .await;
-            }
-        }
-        let body = json!({
-            "apiVersion": "stratos.sh/v1alpha1", "kind": "NodePool",
-            "status": {"lastScaleUp": {"time": jiff::Timestamp::now().to_string(), "nodes": started, "pods": scale.pods.len()}},
-        });
-        let api: Api<NodePool> = Api::all(ctx.client.clone());
-        if let Err(e) = api
-            .patch_status(
-                &scale.pool,
-                &PatchParams::apply("stratos-scaleup").force(),
-                &Patch::Apply(&body),
-            )
-            .await
-        {
-            tracing::warn!(pool = %scale.pool, error = %e, "could not record lastScaleUp");
-        }
-    }
-    if started_any {
-        ctx.instances.invalidate().await;
+    // Every pool's start goes out at once: one pool's bookkeeping never delays another's.
+    let by_key: HashMap<String, &Arc<Pod>> = pods.iter().map(|p| (pod_key(p), p)).collect();
+    let all_pools = pools.state();
+    let results = futures::future::join_all(decision.pools.iter().filter_map(|scale| {
+        let pool = all_pools
+            .iter()
+            .find(|p| p.name_any() == scale.pool)?
+            .clone();
+        (!scale.start.is_empty())
+            .then(|| start_for_pool(ctx, scale, pool, &nodes_by_instance, &by_key, seen))
+    }))
+    .await;
+    let mut marked = Vec::new();
+    for (nodes, result) in results.into_iter().flatten() {
+        marked.extend(nodes);
+        served.extend(result);
     }
     // Pods nothing can serve: one event each, repeated at most every 10 minutes.
     reported.retain(|_, at| at.elapsed() < Duration::from_secs(600));
@@ -493,6 +425,132 @@ async fn scale_up_round(
                 .await;
         }
     }
+    marked
+}
+
+/// Marks the chosen standby nodes `starting`, starts their instances in one call, then
+/// records metrics, tags, events and `lastScaleUp`. Returns the nodes marked `starting` and
+/// the pods served (for the pending → scheduled metric), or `None` when nothing started.
+async fn start_for_pool(
+    ctx: &Context,
+    scale: &PoolScaleUp,
+    pool: Arc<NodePool>,
+    nodes_by_instance: &HashMap<String, Arc<Node>>,
+    pods: &HashMap<String, &Arc<Pod>>,
+    seen: &HashMap<String, SystemTime>,
+) -> Option<(Vec<String>, Vec<(String, (String, SystemTime))>)> {
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    let marked = futures::future::join_all(scale.start.iter().filter_map(|id| {
+        let node = nodes_by_instance.get(id)?;
+        let taints: Vec<_> = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|t| t.key != STANDBY_TAINT)
+            .collect();
+        let patch = json!({
+            "metadata": {
+                "resourceVersion": node.resource_version(),
+                "labels": {STATE_LABEL: NodeState::Starting.as_str()},
+                "annotations": {LAST_USED_ANNOTATION: jiff::Timestamp::now().to_string()},
+            },
+            "spec": {"unschedulable": null, "taints": taints},
+        });
+        let api = api.clone();
+        Some(async move {
+            match api
+                .patch(&node.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => Some((id.clone(), node.name_any())),
+                Err(e) => {
+                    tracing::warn!(pool = %scale.pool, node = %node.name_any(), error = %e, "could not mark the node starting");
+                    None
+                }
+            }
+        })
+    }))
+    .await;
+    let (ids, node_names): (Vec<String>, Vec<String>) = marked.into_iter().flatten().unzip();
+    if ids.is_empty() {
+        return None;
+    }
+    let outcome = ctx.cloud.start_instances(&ids).await;
+    for (id, e) in &outcome.failed {
+        tracing::warn!(pool = %scale.pool, instance = %id, error = %e, "start failed");
+    }
+    let started = outcome.succeeded.len();
+    let now = SystemTime::now();
+    let mut latencies = Vec::new();
+    let mut served = Vec::new();
+    for key in &scale.pods {
+        if let Some(p) = pods.get(key) {
+            let since = pending_since(p);
+            let decided_from = seen.get(key).copied().unwrap_or(since);
+            latencies.push(now.duration_since(decided_from).unwrap_or_default());
+            served.push((key.clone(), (scale.pool.clone(), since)));
+        }
+    }
+    ctx.metrics
+        .scale_up(&scale.pool, "standby", started, &latencies);
+    if !outcome.succeeded.is_empty() {
+        let tag = BTreeMap::from([(
+            tags::STATE.to_owned(),
+            NodeState::Starting.as_str().to_owned(),
+        )]);
+        ctx.instances
+            .record(Change::State(&outcome.succeeded, InstanceState::Pending))
+            .await;
+        if ctx.cloud.set_tags(&outcome.succeeded, &tag).await.is_ok() {
+            ctx.instances
+                .record(Change::Tagged(&outcome.succeeded, &tag))
+                .await;
+        }
+    }
+    tracing::info!(pool = %scale.pool, nodes = started, pods = scale.pods.len(), instances = ?outcome.succeeded, "scale-up: started standby nodes");
+    ctx.publish(
+        &*pool,
+        false,
+        "ScaleUp",
+        format!(
+            "started {started} standby node(s) for {} pending pod(s)",
+            scale.pods.len()
+        ),
+    )
+    .await;
+    for id in &outcome.succeeded {
+        if let Some(node) = nodes_by_instance.get(id) {
+            ctx.publish(
+                &**node,
+                false,
+                "NodeStarted",
+                format!(
+                    "instance {id} started from standby for pool {} ({} pending pod(s) in this scale-up)",
+                    scale.pool,
+                    scale.pods.len()
+                ),
+            )
+            .await;
+        }
+    }
+    let body = json!({
+        "apiVersion": "stratos.sh/v1alpha1", "kind": "NodePool",
+        "status": {"lastScaleUp": {"time": jiff::Timestamp::now().to_string(), "nodes": started, "pods": scale.pods.len()}},
+    });
+    let api: Api<NodePool> = Api::all(ctx.client.clone());
+    if let Err(e) = api
+        .patch_status(
+            &scale.pool,
+            &PatchParams::apply("stratos-scaleup").force(),
+            &Patch::Apply(&body),
+        )
+        .await
+    {
+        tracing::warn!(pool = %scale.pool, error = %e, "could not record lastScaleUp");
+    }
+    Some((node_names, served))
 }
 
 /// When a node was last started, for most-recently-used ordering.

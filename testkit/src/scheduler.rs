@@ -4,6 +4,7 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{
     Api, Client, ResourceExt,
@@ -94,12 +95,19 @@ async fn schedule_round(
         }
     }
     // Bindings the cache has not caught up with yet still take room on their node.
+    let key_of = |p: &Pod| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+    let bound: std::collections::HashSet<String> = all_pods
+        .iter()
+        .filter(|p| node_name(p).is_some())
+        .map(|p| key_of(p))
+        .collect();
+    let unbound: std::collections::HashSet<String> = all_pods
+        .iter()
+        .filter(|p| node_name(p).is_none())
+        .map(|p| key_of(p))
+        .collect();
     assumed.retain(|key, a| {
-        let seen = all_pods.iter().any(|p| {
-            format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()) == *key
-                && node_name(p).is_some()
-        });
-        !seen && a.at.elapsed() < std::time::Duration::from_secs(30)
+        !bound.contains(key) && a.at.elapsed() < std::time::Duration::from_secs(30)
     });
     for a in assumed.values() {
         let entry = used.entry(a.node.clone()).or_default();
@@ -133,6 +141,7 @@ async fn schedule_round(
             p.name_any(),
         )
     });
+    let mut unschedulable = Vec::new();
     for pod in pending {
         let ns = pod.namespace().unwrap_or_default();
         let key = format!("{ns}/{}", pod.name_any());
@@ -194,29 +203,27 @@ async fn schedule_round(
                 if reported.get(&key) == Some(&message) {
                     continue;
                 }
-                let patch = json!({"status": {"conditions": [{
-                    "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                    "message": message, "lastProbeTime": null,
-                    "lastTransitionTime": crate::apiserver::now(),
-                }]}});
-                if api
-                    .patch_status(
-                        &pod.name_any(),
-                        &PatchParams::default(),
-                        &Patch::Strategic(&patch),
-                    )
-                    .await
-                    .is_ok()
-                {
-                    reported.insert(key, message);
-                }
+                unschedulable.push((api, pod.name_any(), key, message));
             }
         }
     }
-    reported.retain(|k, _| {
-        all_pods.iter().any(|p| {
-            format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()) == *k
-                && node_name(p).is_none()
+    // Like kube-scheduler, status updates go out concurrently, after the decisions.
+    let updates = futures::stream::iter(unschedulable)
+        .map(|(api, name, key, message)| async move {
+            let patch = json!({"status": {"conditions": [{
+                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": message, "lastProbeTime": null,
+                "lastTransitionTime": crate::apiserver::now(),
+            }]}});
+            let ok = api
+                .patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch))
+                .await
+                .is_ok();
+            ok.then_some((key, message))
         })
-    });
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    reported.extend(updates.into_iter().flatten());
+    reported.retain(|k, _| unbound.contains(k));
 }

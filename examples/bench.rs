@@ -1,0 +1,392 @@
+//! SPEC §12 benchmarks, against FakeCloud and the embedded API server.
+//!
+//!     cargo run --release --example bench            # both
+//!     cargo run --release --example bench decision   # burst decision latency
+//!     cargo run --release --example bench memory     # controller RSS with big caches
+//!
+//! `decision`: 10 pools with enough standby capacity; a burst of 1,000 pending pods. For
+//! each pod, the time from the scheduler marking it unschedulable (as a watch sees it) to
+//! the StartInstances call that serves its pool; the StartInstances calls per pool; the
+//! DescribeInstances listings meanwhile. Targets: p99 < 250 ms, at most one start per pool.
+//!
+//! `memory`: 5,000 nodes and 50,000 pods in the API server, then the real `stratos run`
+//! binary (EC2 pointed at moto) syncs its caches; its RSS is read from /proc. Target:
+//! < 150 MiB. The binary is found next to this example (`target/<profile>/stratos`; build it
+//! with `cargo build [--release] --bin stratos`) or through `STRATOS_BIN`.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::{
+    Api, ResourceExt,
+    api::PostParams,
+    runtime::{WatchStreamExt, watcher},
+};
+use serde_json::json;
+use stratos::cloud::{ratelimit::Operation, tags};
+use testkit::harness::{ClusterOptions, TestCluster};
+use tokio::time::Instant;
+
+const POOLS: usize = 10;
+const PODS: usize = 1_000;
+/// m5.2xlarge has 7920m allocatable: 15 pods of 500m per node, 7 nodes for 100 pods.
+const NODES_PER_POOL: usize = 7;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+async fn decision() -> bool {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    let _operator = cluster.start_operator();
+    let mut yaml = String::new();
+    for i in 0..POOLS {
+        yaml.push_str(&format!(
+            "apiVersion: stratos.sh/v1alpha1\nkind: AWSNodeClass\nmetadata:\n  name: class-{i}\nspec:\n  instanceType: m5.2xlarge\n  ami: ami-0123456789abcdef0\n  subnetIds: [\"subnet-12345678\"]\n  securityGroupIds: [\"sg-12345678\"]\n  iamInstanceProfile: node-role\n---\napiVersion: stratos.sh/v1alpha1\nkind: NodePool\nmetadata:\n  name: pool-{i}\nspec:\n  poolSize: 20\n  minStandby: {NODES_PER_POOL}\n  template:\n    nodeClassRef:\n      kind: AWSNodeClass\n      name: class-{i}\n    labels:\n      stratos.sh/pool: pool-{i}\n---\n"
+        ));
+    }
+    cluster.apply_yaml(&yaml).await;
+    let pools: Api<stratos::api::NodePool> = Api::all(cluster.client.clone());
+    let want = (POOLS * NODES_PER_POOL) as i32;
+    let t0 = Instant::now();
+    cluster
+        .wait_for(
+            "every pool's standby warm",
+            Duration::from_secs(300),
+            || async {
+                let list = pools.list(&Default::default()).await.ok()?;
+                let standby: i32 = list
+                    .items
+                    .iter()
+                    .filter_map(|p| p.status.as_ref())
+                    .map(|s| s.standby)
+                    .sum();
+                (standby == want).then_some(())
+            },
+        )
+        .await;
+    println!(
+        "decision: {POOLS} pools, {want} standby nodes warm after {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+    let instance_pool: HashMap<String, String> = cluster
+        .cloud
+        .all_instances()
+        .into_iter()
+        .filter_map(|i| Some((i.id.clone(), i.tag(tags::POOL)?.to_owned())))
+        .collect();
+    // Let the replenish rounds settle before the burst.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let calls_before = cluster.cloud.calls().len();
+
+    // When the scheduler marked each pod unschedulable, as a watch sees it.
+    let marked: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    let watch = {
+        let marked = marked.clone();
+        let pods = pods.clone();
+        tokio::spawn(async move {
+            let stream = watcher(pods, watcher::Config::default()).applied_objects();
+            let mut stream = std::pin::pin!(stream);
+            while let Ok(Some(pod)) = stream.try_next().await {
+                let unschedulable = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| {
+                        c.iter().any(|c| {
+                            c.type_ == "PodScheduled"
+                                && c.reason.as_deref() == Some("Unschedulable")
+                        })
+                    });
+                if unschedulable {
+                    marked
+                        .lock()
+                        .unwrap()
+                        .entry(pod.name_any())
+                        .or_insert_with(Instant::now);
+                }
+            }
+        })
+    };
+    let burst = Instant::now();
+    futures::stream::iter(0..PODS)
+        .map(|i| {
+            let pods = pods.clone();
+            async move {
+                let pod: Pod = serde_json::from_value(json!({
+                    "metadata": {"name": format!("job-{i}"), "namespace": "default"},
+                    "spec": {
+                        "nodeSelector": {"stratos.sh/pool": format!("pool-{}", i % POOLS)},
+                        "containers": [{"name": "c", "image": "runner:1", "resources": {"requests": {"cpu": "500m"}}}]
+                    }
+                }))
+                .unwrap();
+                pods.create(&PostParams::default(), &pod).await.unwrap();
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    println!(
+        "decision: {PODS} pods created in {:.2}s",
+        burst.elapsed().as_secs_f64()
+    );
+    cluster
+        .wait_for("every pod running", Duration::from_secs(300), || async {
+            let list = pods.list(&Default::default()).await.ok()?;
+            let running = list
+                .items
+                .iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .count();
+            (running == PODS).then_some(())
+        })
+        .await;
+    watch.abort();
+
+    let calls: Vec<_> = cluster
+        .cloud
+        .calls()
+        .into_iter()
+        .skip(calls_before)
+        .collect();
+    let mut starts_by_pool: BTreeMap<String, Vec<(Instant, usize)>> = BTreeMap::new();
+    for c in calls
+        .iter()
+        .filter(|c| c.operation == Operation::StartInstances)
+    {
+        let pool = c
+            .ids
+            .first()
+            .and_then(|id| instance_pool.get(id))
+            .cloned()
+            .unwrap_or_default();
+        starts_by_pool
+            .entry(pool)
+            .or_default()
+            .push((c.at, c.ids.len()));
+    }
+    let describes = calls
+        .iter()
+        .filter(|c| c.operation == Operation::DescribeInstances)
+        .count();
+    let marked = marked.lock().unwrap().clone();
+    if let (Some(first), Some(last)) = (marked.values().min(), marked.values().max()) {
+        println!(
+            "decision: the scheduler marked the pods unschedulable from {:.2}s to {:.2}s after the burst began",
+            (*first - burst).as_secs_f64(),
+            (*last - burst).as_secs_f64()
+        );
+    }
+    let mut latencies = Vec::new();
+    let mut unserved = 0;
+    for i in 0..PODS {
+        let pool = format!("pool-{}", i % POOLS);
+        let Some(at) = marked.get(&format!("job-{i}")) else {
+            unserved += 1;
+            continue;
+        };
+        match starts_by_pool
+            .get(&pool)
+            .and_then(|s| s.iter().find(|(t, _)| *t >= *at))
+        {
+            Some((t, _)) => latencies.push(*t - *at),
+            None => unserved += 1,
+        }
+    }
+    latencies.sort();
+    let max_starts = starts_by_pool.values().map(Vec::len).max().unwrap_or(0);
+    let nodes: usize = starts_by_pool
+        .values()
+        .flat_map(|s| s.iter().map(|(_, n)| n))
+        .sum();
+    println!(
+        "decision: latency p50 {} · p99 {} · max {} ({} pods measured, {} not matched to a start)",
+        ms(percentile(&latencies, 0.5)),
+        ms(percentile(&latencies, 0.99)),
+        ms(latencies.last().copied().unwrap_or_default()),
+        latencies.len(),
+        unserved
+    );
+    println!(
+        "decision: StartInstances calls per pool: {:?} ({} nodes); DescribeInstances during the burst: {describes}",
+        starts_by_pool
+            .iter()
+            .map(|(p, s)| (p.as_str(), s.len()))
+            .collect::<Vec<_>>(),
+        nodes
+    );
+    cluster.invariants.assert_held().await;
+    println!("decision: SPEC §11 invariants held");
+    let ok = percentile(&latencies, 0.99) < Duration::from_millis(250)
+        && max_starts <= 1
+        && unserved == 0;
+    println!(
+        "decision: target p99 < 250 ms and ≤ 1 StartInstances per pool: {}",
+        if ok { "met" } else { "NOT met" }
+    );
+    ok
+}
+
+fn stratos_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("STRATOS_BIN") {
+        return Some(p.into());
+    }
+    // target/<profile>/examples/bench → target/<profile>/stratos
+    let exe = std::env::current_exe().ok()?;
+    let bin = exe.parent()?.parent()?.join("stratos");
+    bin.is_file().then_some(bin)
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+async fn memory() -> bool {
+    const NODES: usize = 5_000;
+    const PODS_TOTAL: usize = 50_000;
+    let Some(binary) = stratos_binary() else {
+        println!("memory: skipped: build the binary first (cargo build --bin stratos)");
+        return false;
+    };
+    let Some(moto) = testkit::moto::Moto::start() else {
+        println!("memory: skipped: moto_server not installed");
+        return false;
+    };
+    let server = testkit::apiserver::ApiServer::start_with_repo_crds().await;
+    let client = server.client();
+    let t0 = Instant::now();
+    let nodes: Api<Node> = Api::all(client.clone());
+    futures::stream::iter(0..NODES)
+        .map(|i| {
+            let nodes = nodes.clone();
+            async move {
+                let node: Node = serde_json::from_value(json!({
+                    "metadata": {"name": format!("ip-10-1-{}-{}.ec2.internal", i / 250, i % 250),
+                        "labels": {"kubernetes.io/os": "linux", "node.kubernetes.io/instance-type": "m5.2xlarge", "topology.kubernetes.io/zone": "us-east-1a"}},
+                    "spec": {"providerID": format!("aws:///us-east-1a/i-{i:017x}")},
+                    "status": {"allocatable": {"cpu": "7920m", "memory": "29Gi", "pods": "58"}, "capacity": {"cpu": "8", "memory": "32Gi", "pods": "58"},
+                        "conditions": [{"type": "Ready", "status": "True"}]}
+                }))
+                .unwrap();
+                nodes.create(&PostParams::default(), &node).await.unwrap();
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    futures::stream::iter(0..PODS_TOTAL)
+        .map(|i| {
+            let pods = pods.clone();
+            async move {
+                let pod: Pod = serde_json::from_value(json!({
+                    "metadata": {"name": format!("app-{i}"), "namespace": "default",
+                        "labels": {"app": format!("app-{}", i % 100), "pod-template-hash": "5d8f9c7b6"}},
+                    "spec": {
+                        "nodeName": format!("ip-10-1-{}-{}.ec2.internal", (i % NODES) / 250, (i % NODES) % 250),
+                        "containers": [{"name": "app", "image": "registry.example.com/team/app:1.2.3",
+                            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
+                            "env": [{"name": "MODE", "value": "production"}]}]
+                    }
+                }))
+                .unwrap();
+                pods.create(&PostParams::default(), &pod).await.unwrap();
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    println!(
+        "memory: {NODES} nodes and {PODS_TOTAL} pods created in {:.0}s",
+        t0.elapsed().as_secs_f64()
+    );
+    let log = std::env::temp_dir().join(format!("stratos-bench-{}.log", std::process::id()));
+    let mut child = std::process::Command::new(&binary)
+        .args([
+            "run",
+            "--cluster-name=bench",
+            "--region=us-east-1",
+            &format!("--aws-endpoint-url={}", moto.endpoint()),
+            "--metrics-addr=127.0.0.1:0",
+            "--health-addr=127.0.0.1:0",
+            "--leader-elect=false",
+        ])
+        .env_clear()
+        .env("KUBECONFIG", server.kubeconfig_path())
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("caches synced") {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(300) || child.try_wait().unwrap().is_some() {
+            println!("memory: the operator did not sync its caches:\n{text}");
+            let _ = child.kill();
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "memory: caches synced {:.1}s after start",
+        started.elapsed().as_secs_f64()
+    );
+    // A few reconcile rounds over the full caches, sampling the peak.
+    let mut peak = 0;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        peak = peak.max(rss_kib(child.id()).unwrap_or(0));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let mib = peak as f64 / 1024.0;
+    let ok = mib < 150.0;
+    println!(
+        "memory: peak RSS {mib:.1} MiB with {NODES} nodes and {PODS_TOTAL} pods cached ({}): target < 150 MiB {}",
+        binary.display(),
+        if ok { "met" } else { "NOT met" }
+    );
+    ok
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let which = std::env::args().nth(1).unwrap_or_default();
+    let mut ok = true;
+    if which.is_empty() || which == "decision" {
+        ok &= decision().await;
+    }
+    if which.is_empty() || which == "memory" {
+        ok &= memory().await;
+    }
+    std::process::exit(if ok { 0 } else { 1 });
+}
