@@ -54,8 +54,19 @@ impl Scheduler {
             nodes.wait_until_ready().await.ok();
             let mut reported: BTreeMap<String, String> = BTreeMap::new();
             let mut assumed: BTreeMap<String, Assumed> = BTreeMap::new();
+            // Like kube-scheduler's unschedulable queue: a pod already marked unschedulable
+            // is retried when the nodes change, or once a second, not on every pod event.
+            let mut last_nodes = 0u64;
+            let mut last_full = std::time::Instant::now();
             loop {
-                schedule_round(&client, &pods, &nodes, &mut reported, &mut assumed).await;
+                let fingerprint = nodes_fingerprint(&nodes);
+                let recheck =
+                    fingerprint != last_nodes || last_full.elapsed() >= Duration::from_secs(1);
+                if recheck {
+                    last_nodes = fingerprint;
+                    last_full = std::time::Instant::now();
+                }
+                schedule_round(&client, &pods, &nodes, &mut reported, &mut assumed, recheck).await;
                 tokio::select! {
                     _ = notify.notified() => tokio::time::sleep(Duration::from_millis(10)).await,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -66,6 +77,20 @@ impl Scheduler {
             tasks: vec![pod_task, node_task, main],
         }
     }
+}
+
+/// Changes whenever a node is added, removed or updated.
+fn nodes_fingerprint(nodes: &Store<Node>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut keys: Vec<(String, String)> = nodes
+        .state()
+        .iter()
+        .map(|n| (n.name_any(), n.resource_version().unwrap_or_default()))
+        .collect();
+    keys.sort();
+    keys.hash(&mut h);
+    h.finish()
 }
 
 /// A binding made but not yet seen in the cache (kube-scheduler's "assumed" pods): its
@@ -82,6 +107,7 @@ async fn schedule_round(
     nodes: &Store<Node>,
     reported: &mut BTreeMap<String, String>,
     assumed: &mut BTreeMap<String, Assumed>,
+    recheck: bool,
 ) {
     let nodes = nodes.state();
     let all_pods = pods.state();
@@ -145,6 +171,9 @@ async fn schedule_round(
     for pod in pending {
         let ns = pod.namespace().unwrap_or_default();
         let key = format!("{ns}/{}", pod.name_any());
+        if !recheck && reported.contains_key(&key) {
+            continue;
+        }
         let mut misfits = Vec::new();
         let mut best: Option<(f64, String)> = None;
         for node in nodes.iter() {
