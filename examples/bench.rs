@@ -210,6 +210,21 @@ async fn decision() -> bool {
         }
     }
     latencies.sort();
+    // What the batch window adds is the burst's own spread; after its last pod, only the
+    // idle window and the decision itself remain.
+    if let Some(last) = marked.values().max() {
+        let after: Vec<_> = starts_by_pool
+            .values()
+            .filter_map(|s| s.iter().map(|(t, _)| *t).find(|t| *t >= *last))
+            .map(|t| t - *last)
+            .collect();
+        if let Some(worst) = after.iter().max() {
+            println!(
+                "decision: StartInstances issued at most {} after the burst's last pod was marked unschedulable",
+                ms(*worst)
+            );
+        }
+    }
     let max_starts = starts_by_pool.values().map(Vec::len).max().unwrap_or(0);
     let nodes: usize = starts_by_pool
         .values()
@@ -339,6 +354,7 @@ async fn memory() -> bool {
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(std::env::var("MALLOC_ARENA_MAX").map(|v| ("MALLOC_ARENA_MAX", v)))
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -362,10 +378,14 @@ async fn memory() -> bool {
     );
     // A few reconcile rounds over the full caches, sampling the peak.
     let mut peak = 0;
+    let mut samples = Vec::new();
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        peak = peak.max(rss_kib(child.id()).unwrap_or(0));
+        let rss = rss_kib(child.id()).unwrap_or(0);
+        samples.push(rss / 1024);
+        peak = peak.max(rss);
     }
+    println!("memory: RSS samples (MiB, every 0.5 s): {samples:?}");
     let _ = child.kill();
     let _ = child.wait();
     let mib = peak as f64 / 1024.0;

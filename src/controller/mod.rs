@@ -8,6 +8,7 @@ pub mod instances;
 pub mod nodeclass;
 pub mod nodepool;
 pub mod pending;
+mod trim;
 
 use std::{
     collections::HashMap,
@@ -158,7 +159,17 @@ impl Error {
     }
 }
 
-fn shared_store<K>(client: &Client, notify: Arc<Notify>) -> (Store<K>, BoxFuture<'static, ()>)
+/// managedFields are large and never read.
+fn drop_managed_fields<K: Resource>(o: &mut K) {
+    o.meta_mut().managed_fields = None;
+}
+
+/// A reflector over every `K`, trimming each object with `trim` before it is stored.
+fn shared_store<K>(
+    client: &Client,
+    notify: Arc<Notify>,
+    trim: fn(&mut K),
+) -> (Store<K>, BoxFuture<'static, ()>)
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -171,10 +182,7 @@ where
     let (reader, writer) = reflector::store();
     let stream = reflector::reflector(
         writer,
-        watcher(Api::<K>::all(client.clone()), watcher::Config::default()).modify(|o| {
-            // managedFields are large and never read: drop them to keep the caches small.
-            o.meta_mut().managed_fields = None;
-        }),
+        watcher(Api::<K>::all(client.clone()), watcher::Config::default()).modify(trim),
     )
     .default_backoff()
     .touched_objects();
@@ -199,15 +207,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let notify = Arc::new(Notify::new());
-    let (nodes, nodes_task) = shared_store::<Node>(&client, notify.clone());
-    let (pods, pods_task) = shared_store::<Pod>(&client, notify.clone());
-    let (daemonsets, ds_task) = shared_store::<DaemonSet>(&client, notify.clone());
-    let (classes, classes_task) = shared_store::<AWSNodeClass>(&client, notify.clone());
+    let (nodes, nodes_task) = shared_store::<Node>(&client, notify.clone(), trim::node);
+    let (pods, pods_task) = shared_store::<Pod>(&client, notify.clone(), trim::pod);
+    let (daemonsets, ds_task) =
+        shared_store::<DaemonSet>(&client, notify.clone(), drop_managed_fields);
+    let (classes, classes_task) =
+        shared_store::<AWSNodeClass>(&client, notify.clone(), drop_managed_fields);
     // Our own NodePool cache for GC and the class controller: the readiness of the pool
     // controller's internal store was never signalled in testing (kube-runtime 5.0).
     let pools_changed = Arc::new(Notify::new());
     let (pool_store, pools_task) =
-        shared_store::<crate::api::NodePool>(&client, pools_changed.clone());
+        shared_store::<crate::api::NodePool>(&client, pools_changed.clone(), drop_managed_fields);
     let background = tokio::spawn(async move {
         tokio::join!(nodes_task, pods_task, ds_task, classes_task, pools_task);
     });
