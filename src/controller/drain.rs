@@ -5,7 +5,6 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, ResourceExt, api::EvictParams};
 
 use super::{Context, Error};
-use crate::pool::scheduling;
 
 /// Asks for the eviction of every workload pod on `node`; returns how many remain (being
 /// deleted or blocked by a disruption budget). Safe to repeat: an eviction of a pod that is
@@ -13,21 +12,17 @@ use crate::pool::scheduling;
 pub async fn evict_workload(ctx: &Context, node: &str) -> Result<usize, Error> {
     let mut remaining = 0;
     for pod in ctx.stores.pods.state() {
-        if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(node) {
+        if pod.node_name.as_deref() != Some(node) {
             continue;
         }
-        if pod.metadata.deletion_timestamp.is_some() && !scheduling::is_workload(&pod) {
+        if pod.metadata.deletion_timestamp.is_some() && !pod.is_workload() {
             // Evicted and terminating: wait for it to go.
-            let finished = matches!(
-                pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-                Some("Succeeded" | "Failed")
-            );
-            if !finished {
+            if !pod.finished() {
                 remaining += 1;
             }
             continue;
         }
-        if !scheduling::is_workload(&pod) {
+        if !pod.is_workload() {
             continue;
         }
         remaining += 1;

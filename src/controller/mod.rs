@@ -8,6 +8,7 @@ pub mod instances;
 pub mod nodeclass;
 pub mod nodepool;
 pub mod pending;
+pub mod podcache;
 mod trim;
 
 use std::{
@@ -36,6 +37,7 @@ use tokio::sync::Notify;
 use crate::{api::AWSNodeClass, cloud::CloudProvider, metrics::PoolMetrics};
 
 pub use instances::InstanceCache;
+pub use podcache::CachedPod;
 
 /// Settings of a running operator.
 #[derive(Debug, Clone)]
@@ -75,7 +77,7 @@ impl OperatorConfig {
 #[derive(Clone)]
 pub struct Stores {
     pub nodes: Store<Node>,
-    pub pods: Store<Pod>,
+    pub pods: Store<CachedPod>,
     pub daemonsets: Store<DaemonSet>,
     pub classes: Store<AWSNodeClass>,
 }
@@ -160,32 +162,49 @@ impl Error {
 }
 
 /// managedFields are large and never read.
-fn drop_managed_fields<K: Resource>(o: &mut K) {
+fn drop_managed_fields<K: Resource>(mut o: K) -> K {
     o.meta_mut().managed_fields = None;
+    o
 }
 
-/// A reflector over every `K`, trimming each object with `trim` before it is stored.
-fn shared_store<K>(
+fn trimmed_node(mut node: Node) -> Node {
+    trim::node(&mut node);
+    node
+}
+
+/// A reflector over every `S`, storing each as `convert` makes it (trimmed, or a compact
+/// form such as [`CachedPod`]).
+fn shared_store<S, K>(
     client: &Client,
     notify: Arc<Notify>,
-    trim: fn(&mut K),
+    convert: fn(S) -> K,
 ) -> (Store<K>, BoxFuture<'static, ()>)
 where
-    K: Resource<DynamicType = ()>
+    S: Resource<DynamicType = ()>
         + Clone
         + std::fmt::Debug
         + serde::de::DeserializeOwned
         + Send
         + Sync
         + 'static,
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
 {
+    use futures::TryStreamExt;
+    use kube::runtime::watcher::Event;
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(
-        writer,
-        watcher(Api::<K>::all(client.clone()), watcher::Config::default()).modify(trim),
-    )
-    .default_backoff()
-    .touched_objects();
+    let events =
+        watcher(Api::<S>::all(client.clone()), watcher::Config::default()).map_ok(move |event| {
+            match event {
+                Event::Apply(o) => Event::Apply(convert(o)),
+                Event::Delete(o) => Event::Delete(convert(o)),
+                Event::Init => Event::Init,
+                Event::InitApply(o) => Event::InitApply(convert(o)),
+                Event::InitDone => Event::InitDone,
+            }
+        });
+    let stream = reflector::reflector(writer, events)
+        .default_backoff()
+        .touched_objects();
     let fut = async move {
         let mut stream = std::pin::pin!(stream);
         while stream.next().await.is_some() {
@@ -207,17 +226,20 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let notify = Arc::new(Notify::new());
-    let (nodes, nodes_task) = shared_store::<Node>(&client, notify.clone(), trim::node);
-    let (pods, pods_task) = shared_store::<Pod>(&client, notify.clone(), trim::pod);
+    let (nodes, nodes_task) = shared_store(&client, notify.clone(), trimmed_node);
+    let (pods, pods_task) = shared_store::<Pod, _>(&client, notify.clone(), CachedPod::from);
     let (daemonsets, ds_task) =
-        shared_store::<DaemonSet>(&client, notify.clone(), drop_managed_fields);
+        shared_store::<DaemonSet, _>(&client, notify.clone(), drop_managed_fields);
     let (classes, classes_task) =
-        shared_store::<AWSNodeClass>(&client, notify.clone(), drop_managed_fields);
+        shared_store::<AWSNodeClass, _>(&client, notify.clone(), drop_managed_fields);
     // Our own NodePool cache for GC and the class controller: the readiness of the pool
     // controller's internal store was never signalled in testing (kube-runtime 5.0).
     let pools_changed = Arc::new(Notify::new());
-    let (pool_store, pools_task) =
-        shared_store::<crate::api::NodePool>(&client, pools_changed.clone(), drop_managed_fields);
+    let (pool_store, pools_task) = shared_store::<crate::api::NodePool, _>(
+        &client,
+        pools_changed.clone(),
+        drop_managed_fields,
+    );
     let background = tokio::spawn(async move {
         tokio::join!(nodes_task, pods_task, ds_task, classes_task, pools_task);
     });

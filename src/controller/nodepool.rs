@@ -28,7 +28,7 @@ use kube::{
 use serde_json::json;
 use tokio::sync::Notify;
 
-use super::{Context, Error, drain, instances::Change};
+use super::{CachedPod, Context, Error, drain, instances::Change};
 use crate::{
     api::{
         NodePool, NodePoolStatus,
@@ -141,7 +141,7 @@ fn prepull_pod_name(node: &str) -> String {
 /// Builds the planner's view of a Node from the caches.
 fn node_view(
     node: &Node,
-    pods_on_node: &[Arc<Pod>],
+    pods_on_node: &[Arc<CachedPod>],
     ctx: &Context,
     images_to_pull: bool,
 ) -> NodeView {
@@ -152,7 +152,7 @@ fn node_view(
         .find(|p| {
             p.namespace().as_deref() == Some("kube-system") && p.name_any().starts_with("aws-node")
         })
-        .map(|p| scheduling::pod_ready(p));
+        .map(|p| p.ready);
     let expected: Vec<String> = ctx
         .stores
         .daemonsets
@@ -170,7 +170,7 @@ fn node_view(
         .iter()
         .filter(|uid| {
             pods_on_node.iter().any(|p| {
-                scheduling::pod_ready(p)
+                p.ready
                     && p.owner_references()
                         .iter()
                         .any(|o| o.uid == **uid && o.controller == Some(true))
@@ -183,7 +183,7 @@ fn node_view(
     } else {
         match pods_on_node.iter().find(|p| p.name_any() == prepull_name) {
             None => PrePull::Missing,
-            Some(p) => match p.status.as_ref().and_then(|s| s.phase.as_deref()) {
+            Some(p) => match p.phase.as_deref() {
                 Some("Succeeded") => PrePull::Succeeded,
                 Some("Failed") => PrePull::Failed,
                 _ => PrePull::Pending,
@@ -208,7 +208,7 @@ fn node_view(
         prepull,
         workload_pods: pods_on_node
             .iter()
-            .filter(|p| scheduling::is_workload(p) && p.name_any() != prepull_name)
+            .filter(|p| p.is_workload() && p.name_any() != prepull_name)
             .count(),
         empty_since: annotation_time(node, EMPTY_SINCE),
         draining_since: annotation_time(node, DRAINING_SINCE),
@@ -245,18 +245,18 @@ fn demand_nodes(
         .iter()
         .filter(|p| pod_wants_pool(p, pool))
         .map(|p| PendingPod {
-            key: format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()),
-            spec: p.spec.clone().unwrap_or_default(),
-            requests: super::pending::pod_requests(p),
+            key: p.key(),
+            spec: p.scheduling.as_deref().cloned().unwrap_or_default(),
+            requests: p.requests.clone(),
             images: Default::default(),
         })
         .collect();
     if pods.is_empty() {
         return (0, 0);
     }
-    let mut pods_by_node: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
+    let mut pods_by_node: HashMap<String, Vec<Arc<CachedPod>>> = HashMap::new();
     for pod in ctx.stores.pods.state() {
-        if let Some(n) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
+        if let Some(n) = pod.node_name.clone() {
             pods_by_node.entry(n).or_default().push(pod);
         }
     }
@@ -365,14 +365,16 @@ fn pending_demand(pool: &NodePool, ctx: &Context) -> bool {
         .pods
         .state()
         .iter()
-        .filter(|p| super::pending::is_pending_unschedulable(p))
+        .filter(|p| p.unschedulable)
         .any(|p| pod_wants_pool(p, pool))
 }
 
 /// Whether a pod could run on this pool's nodes: its nodeSelector and required affinity
 /// match the pool's labels and it tolerates the pool's permanent NoSchedule/NoExecute taints.
-fn pod_wants_pool(pod: &Pod, pool: &NodePool) -> bool {
-    let Some(spec) = &pod.spec else { return false };
+fn pod_wants_pool(pod: &CachedPod, pool: &NodePool) -> bool {
+    let Some(spec) = &pod.scheduling else {
+        return false;
+    };
     let mut labels = pool.spec.template.labels.clone();
     labels.insert(POOL_LABEL.into(), pool.name_any());
     let tolerations = spec.tolerations.clone().unwrap_or_default();
@@ -410,9 +412,9 @@ async fn gather(pool: &NodePool, ctx: &Context, deleting: bool) -> Result<Gather
             node_by_instance.insert(id.to_owned(), node.clone());
         }
     }
-    let mut pods_by_node: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
+    let mut pods_by_node: HashMap<String, Vec<Arc<CachedPod>>> = HashMap::new();
     for pod in ctx.stores.pods.state() {
-        if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
+        if let Some(node) = pod.node_name.clone() {
             pods_by_node.entry(node).or_default().push(pod);
         }
     }

@@ -17,7 +17,7 @@ use kube::{
 };
 use serde_json::json;
 
-use super::{Context, instances::Change, nodepool::STANDBY_TAINT};
+use super::{CachedPod, Context, instances::Change, nodepool::STANDBY_TAINT};
 use crate::{
     api::{NodePool, nodepool::STATE_LABEL},
     cloud::{InstanceState, parse_provider_id, tags},
@@ -111,26 +111,16 @@ pub fn is_pending_unschedulable(pod: &Pod) -> bool {
 }
 
 /// Since when a pod has been unschedulable (its PodScheduled=False transition).
-fn pending_since(pod: &Pod) -> SystemTime {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| {
-            c.iter()
-                .find(|c| c.type_ == "PodScheduled" && c.status == "False")
-        })
-        .and_then(|c| c.last_transition_time.as_ref())
-        .or(pod.metadata.creation_timestamp.as_ref())
-        .map(|t| SystemTime::from(t.0))
-        .unwrap_or_else(SystemTime::now)
+fn pending_since(pod: &CachedPod) -> SystemTime {
+    pod.pending_since.unwrap_or_else(SystemTime::now)
 }
 
-pub(crate) fn pending_pods(ctx: &Context) -> Vec<Arc<Pod>> {
+pub(crate) fn pending_pods(ctx: &Context) -> Vec<Arc<CachedPod>> {
     ctx.stores
         .pods
         .state()
         .into_iter()
-        .filter(|p| is_pending_unschedulable(p))
+        .filter(|p| p.unschedulable)
         .collect()
 }
 
@@ -208,7 +198,7 @@ async fn wait_until_cached(ctx: &Context, nodes: &[String], limit: Duration) {
 }
 
 /// The pending pods now, stamping the ones not seen before and forgetting the gone ones.
-fn note_seen(ctx: &Context, seen: &mut HashMap<String, SystemTime>) -> Vec<Arc<Pod>> {
+fn note_seen(ctx: &Context, seen: &mut HashMap<String, SystemTime>) -> Vec<Arc<CachedPod>> {
     let pods = pending_pods(ctx);
     let now = SystemTime::now();
     let keys: HashSet<String> = pods.iter().map(|p| pod_key(p)).collect();
@@ -219,11 +209,11 @@ fn note_seen(ctx: &Context, seen: &mut HashMap<String, SystemTime>) -> Vec<Arc<P
     pods
 }
 
-fn pod_key(pod: &Pod) -> String {
-    format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
+fn pod_key(pod: &CachedPod) -> String {
+    pod.key()
 }
 
-pub(crate) fn node_free(node: &Node, pods_on_node: &[Arc<Pod>]) -> Resources {
+pub(crate) fn node_free(node: &Node, pods_on_node: &[Arc<CachedPod>]) -> Resources {
     let mut free: Resources = node
         .status
         .as_ref()
@@ -231,15 +221,11 @@ pub(crate) fn node_free(node: &Node, pods_on_node: &[Arc<Pod>]) -> Resources {
         .map(|a| a.iter().map(|(k, v)| (k.clone(), quantity(&v.0))).collect())
         .unwrap_or_default();
     for pod in pods_on_node {
-        let finished = matches!(
-            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-            Some("Succeeded" | "Failed")
-        );
-        if finished {
+        if pod.finished() {
             continue;
         }
-        for (k, v) in pod_requests(pod) {
-            *free.entry(k).or_default() -= v;
+        for (k, v) in &pod.requests {
+            *free.entry(k.clone()).or_default() -= v;
         }
     }
     free
@@ -250,7 +236,7 @@ fn observe_scheduled(ctx: &Context, served: &mut HashMap<String, (String, System
     if served.is_empty() {
         return;
     }
-    let pods: HashMap<String, Arc<Pod>> = ctx
+    let pods: HashMap<String, Arc<CachedPod>> = ctx
         .stores
         .pods
         .state()
@@ -259,12 +245,7 @@ fn observe_scheduled(ctx: &Context, served: &mut HashMap<String, (String, System
         .collect();
     served.retain(|key, (pool, since)| match pods.get(key) {
         None => false,
-        Some(p)
-            if p.spec
-                .as_ref()
-                .and_then(|s| s.node_name.as_deref())
-                .is_some_and(|n| !n.is_empty()) =>
-        {
+        Some(p) if p.node_name.is_some() => {
             let waited = SystemTime::now().duration_since(*since).unwrap_or_default();
             ctx.metrics.pod_scheduled(pool, waited);
             false
@@ -304,9 +285,9 @@ async fn scale_up_round(
             Some((id, n))
         })
         .collect();
-    let mut pods_by_node: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
+    let mut pods_by_node: HashMap<String, Vec<Arc<CachedPod>>> = HashMap::new();
     for pod in ctx.stores.pods.state() {
-        if let Some(n) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
+        if let Some(n) = pod.node_name.clone() {
             pods_by_node.entry(n).or_default().push(pod);
         }
     }
@@ -379,24 +360,14 @@ async fn scale_up_round(
         .iter()
         .map(|p| PendingPod {
             key: pod_key(p),
-            spec: p.spec.clone().unwrap_or_default(),
-            requests: pod_requests(p),
-            images: p
-                .spec
-                .iter()
-                .flat_map(|s| {
-                    s.init_containers
-                        .iter()
-                        .flatten()
-                        .chain(s.containers.iter())
-                })
-                .filter_map(|c| c.image.clone())
-                .collect(),
+            spec: p.scheduling.as_deref().cloned().unwrap_or_default(),
+            requests: p.requests.clone(),
+            images: p.images.iter().cloned().collect(),
         })
         .collect();
     let decision = plan_scale_up(&pending, &candidates);
     // Every pool's start goes out at once: one pool's bookkeeping never delays another's.
-    let by_key: HashMap<String, &Arc<Pod>> = pods.iter().map(|p| (pod_key(p), p)).collect();
+    let by_key: HashMap<String, &Arc<CachedPod>> = pods.iter().map(|p| (pod_key(p), p)).collect();
     let all_pools = pools.state();
     let results = futures::future::join_all(decision.pools.iter().filter_map(|scale| {
         let pool = all_pools
@@ -436,7 +407,7 @@ async fn start_for_pool(
     scale: &PoolScaleUp,
     pool: Arc<NodePool>,
     nodes_by_instance: &HashMap<String, Arc<Node>>,
-    pods: &HashMap<String, &Arc<Pod>>,
+    pods: &HashMap<String, &Arc<CachedPod>>,
     seen: &HashMap<String, SystemTime>,
 ) -> Option<(Vec<String>, Vec<(String, (String, SystemTime))>)> {
     let api: Api<Node> = Api::all(ctx.client.clone());

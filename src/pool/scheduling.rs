@@ -2,7 +2,7 @@
 //! a node's network counts as ready, and when startup taints may come off (SPEC §5.1,
 //! §5.4). Pure functions over Kubernetes objects.
 
-use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, Pod, PodSpec, Taint, Toleration};
+use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, PodSpec, Taint, Toleration};
 
 use crate::api::nodepool::StartupTaintRemoval;
 
@@ -135,13 +135,6 @@ pub fn node_ready(node: &Node) -> bool {
     condition(node, "Ready") == Some("True")
 }
 
-pub fn pod_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 /// SPEC §5.4: the CNI reports the network ready through `NetworkUnavailable=False`
 /// (Calico, Cilium, …), `NetworkingReady=True` (EKS), or a Ready `aws-node` pod (VPC CNI).
 /// A node with none of these signals has no CNI that reports one; it counts as network-ready
@@ -172,28 +165,6 @@ pub fn startup_taints_removable(
         StartupTaintRemoval::WhenNodeReady => ready,
         StartupTaintRemoval::Never => false,
     }
-}
-
-/// A pod a drain must evict: not owned by a DaemonSet, not a mirror pod, not finished, and
-/// not already being deleted.
-pub fn is_workload(pod: &Pod) -> bool {
-    let daemonset = pod
-        .metadata
-        .owner_references
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .any(|o| o.kind == "DaemonSet" && o.controller == Some(true));
-    let mirror = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"));
-    let finished = matches!(
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    );
-    !daemonset && !mirror && !finished && pod.metadata.deletion_timestamp.is_none()
 }
 
 #[cfg(test)]
