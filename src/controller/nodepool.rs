@@ -169,12 +169,9 @@ fn node_view(
     let ready_ds = expected
         .iter()
         .filter(|uid| {
-            pods_on_node.iter().any(|p| {
-                p.ready
-                    && p.owner_references()
-                        .iter()
-                        .any(|o| o.uid == **uid && o.controller == Some(true))
-            })
+            pods_on_node
+                .iter()
+                .any(|p| p.ready && p.daemonset.as_deref() == Some(uid.as_str()))
         })
         .count();
     let prepull_name = prepull_pod_name(&name);

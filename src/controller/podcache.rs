@@ -14,15 +14,15 @@ use kube::Resource;
 
 use crate::pool::scaleup::Resources;
 
-/// Annotations of pods that decisions read.
-const POD_ANNOTATIONS: &[&str] = &["kubernetes.io/config.mirror"];
-
 /// A pod as the controllers see it.
 #[derive(Debug, Clone, Default)]
 pub struct CachedPod {
-    /// Name, namespace, uid, labels, owners, deletion, creation; other annotations and
-    /// managed fields dropped.
+    /// Name, namespace, uid, resource version and deletion only.
     pub metadata: ObjectMeta,
+    /// The uid of the DaemonSet that controls it.
+    pub daemonset: Option<String>,
+    /// A static pod's mirror.
+    pub mirror: bool,
     pub node_name: Option<String>,
     pub phase: Option<String>,
     /// `Ready=True`.
@@ -53,18 +53,10 @@ impl CachedPod {
     /// A pod a drain must evict: not owned by a DaemonSet, not a mirror pod, not finished,
     /// and not already being deleted.
     pub fn is_workload(&self) -> bool {
-        let daemonset = self
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .any(|o| o.kind == "DaemonSet" && o.controller == Some(true));
-        let mirror = self
-            .metadata
-            .annotations
-            .as_ref()
-            .is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"));
-        !daemonset && !mirror && !self.finished() && self.metadata.deletion_timestamp.is_none()
+        self.daemonset.is_none()
+            && !self.mirror
+            && !self.finished()
+            && self.metadata.deletion_timestamp.is_none()
     }
 
     pub fn finished(&self) -> bool {
@@ -81,20 +73,32 @@ impl From<Pod> for CachedPod {
         let ready = conditions
             .iter()
             .any(|c| c.type_ == "Ready" && c.status == "True");
-        let mut metadata = pod.metadata;
+        let meta = pod.metadata;
         let pending_since = conditions
             .iter()
             .find(|c| c.type_ == "PodScheduled" && c.status == "False")
             .and_then(|c| c.last_transition_time.as_ref())
-            .or(metadata.creation_timestamp.as_ref())
+            .or(meta.creation_timestamp.as_ref())
             .map(|t| SystemTime::from(t.0));
-        metadata.managed_fields = None;
-        if let Some(annotations) = metadata.annotations.as_mut() {
-            annotations.retain(|k, _| POD_ANNOTATIONS.contains(&k.as_str()));
-            if annotations.is_empty() {
-                metadata.annotations = None;
-            }
-        }
+        let daemonset = meta
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.kind == "DaemonSet" && o.controller == Some(true))
+            .map(|o| o.uid.clone());
+        let mirror = meta
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"));
+        // Only what identifies the pod (for lookups, evictions and events) and its deletion.
+        let metadata = ObjectMeta {
+            name: meta.name,
+            namespace: meta.namespace,
+            uid: meta.uid,
+            resource_version: meta.resource_version,
+            deletion_timestamp: meta.deletion_timestamp,
+            ..ObjectMeta::default()
+        };
         let mut spec = pod.spec.unwrap_or_default();
         let images = spec
             .init_containers
@@ -110,6 +114,8 @@ impl From<Pod> for CachedPod {
         });
         CachedPod {
             metadata,
+            daemonset,
+            mirror,
             node_name,
             phase: status.phase,
             ready,
@@ -174,7 +180,7 @@ mod tests {
         assert_eq!(p.node_name.as_deref(), Some("n"));
         assert!(p.ready && p.is_workload() && !p.unschedulable);
         assert!(p.scheduling.is_none());
-        assert!(p.metadata.annotations.is_none());
+        assert!(p.metadata.annotations.is_none() && p.metadata.labels.is_none());
         assert_eq!(p.images, vec!["init:1", "app:1"]);
         // max(init 1, containers 0.5) + overhead 0.01
         assert!((p.requests["cpu"] - 1.01).abs() < 1e-9);
