@@ -5,7 +5,8 @@
 //!     cargo run --example sandbox
 //!
 //! It applies `examples/quickstart.yaml`, watches the pool warm up into standby, sends a
-//! burst of pods that standby nodes serve, then a burst that only cold launches can serve,
+//! burst of pods that standby nodes serve, then a burst to a pool of the same nodes without
+//! standby (`minStandby: 0`), which only cold launches can serve,
 //! and prints each pod's pending → running time. Empty nodes then drain back to standby.
 //! `/metrics` is served on 127.0.0.1:9464 meanwhile.
 //!
@@ -28,9 +29,9 @@ fn scaled(secs: f64, speed: f64) -> Duration {
     Duration::from_secs_f64((secs * speed).max(0.05))
 }
 
-fn pod(name: &str, cpu: &str) -> String {
+fn pod(name: &str, pool: &str, cpu: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  nodeSelector:\n    stratos.sh/pool: workers\n  containers:\n    - name: runner\n      image: ci-runner:1\n      resources:\n        requests:\n          cpu: {cpu}\n"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  nodeSelector:\n    stratos.sh/pool: {pool}\n  containers:\n    - name: runner\n      image: ci-runner:1\n      resources:\n        requests:\n          cpu: {cpu}\n"
     )
 }
 
@@ -121,6 +122,16 @@ async fn main() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Standby counts from the moment a node is told to stop; EC2 starts an instance only
+    // once it is fully stopped, as a pool at rest is.
+    while cluster
+        .cloud
+        .all_instances()
+        .iter()
+        .any(|i| i.state != stratos::cloud::InstanceState::Stopped)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     println!(
         "{} warm: 3 nodes launched once, warmed up and stopped into standby\n",
         at()
@@ -131,7 +142,7 @@ async fn main() {
     // Burst 1: six 900m pods, two per m5.large: three standby nodes start in one call.
     for i in 0..6 {
         cluster
-            .apply_yaml(&pod(&format!("standby-{i}"), "900m"))
+            .apply_yaml(&pod(&format!("standby-{i}"), "workers", "900m"))
             .await;
         created.insert(format!("standby-{i}"), (Instant::now(), "standby start"));
     }
@@ -182,14 +193,27 @@ async fn main() {
         starts.len()
     );
 
-    // Burst 2: more than standby holds: cold launches (handed to the pods once warm).
+    // Burst 2: the cold path, for comparison: a pool of the same nodes that keeps no
+    // standby (minStandby 0), as every cold-node autoscaler does. Its pods wait for a launch,
+    // boot, join and warmup before they can run.
+    let cold_pool = quickstart
+        .split("---")
+        .nth(1)
+        .unwrap_or_default()
+        .replace("name: workers\nspec:", "name: cold\nspec:")
+        .replace("minStandby: 3", "minStandby: 0")
+        .replace("stratos.sh/pool: workers", "stratos.sh/pool: cold");
+    cluster.apply_yaml(&cold_pool).await;
     for i in 0..4 {
         cluster
-            .apply_yaml(&pod(&format!("cold-{i}"), "1500m"))
+            .apply_yaml(&pod(&format!("cold-{i}"), "cold", "1500m"))
             .await;
         created.insert(format!("cold-{i}"), (Instant::now(), "cold launch"));
     }
-    println!("{} burst: 4 pods of 1500m, beyond what standby holds", at());
+    println!(
+        "{} burst: 4 pods of 1500m on pool cold (same nodes, minStandby 0): cold launches",
+        at()
+    );
     while running.len() < 10 {
         let list = pods
             .list(&ListParams::default())
@@ -244,7 +268,14 @@ async fn main() {
     let deadline = Instant::now() + Duration::from_secs_f64(120.0 * speed * 4.0 + 30.0);
     loop {
         let s = show(pools.get("workers").await.ok().and_then(|p| p.status));
-        if s.running == 0 && s.draining == 0 && s.starting == 0 {
+        let cold = pools
+            .get("cold")
+            .await
+            .ok()
+            .and_then(|p| p.status)
+            .unwrap_or_default();
+        let busy = |s: &stratos::api::NodePoolStatus| s.running + s.draining + s.starting;
+        if busy(&s) == 0 && busy(&cold) == 0 {
             break;
         }
         if Instant::now() > deadline {

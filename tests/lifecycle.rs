@@ -1173,3 +1173,38 @@ async fn a_ci_burst_of_40_jobs_starts_five_nodes_in_one_call_and_they_return_to_
     print_pools(&cluster);
     cluster.invariants.assert_held().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_without_standby_launches_exactly_what_the_pods_need() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    let _operator = cluster.start_operator();
+    cluster
+        .apply_yaml(&QUICKSTART.replace("minStandby: 3", "minStandby: 0"))
+        .await;
+    cluster
+        .wait_for(
+            "the pool ready and empty",
+            Duration::from_secs(20),
+            || async {
+                let s = pool_status(&cluster, "workers").await?;
+                (s.total == 0).then_some(())
+            },
+        )
+        .await;
+    // 1500m pods: one per m5.large (1920m allocatable), so four nodes.
+    for i in 0..4 {
+        cluster
+            .apply_yaml(&pod_yaml(&format!("job-{i}"), "workers", "1500m", ""))
+            .await;
+    }
+    wait_pods_running(&cluster, 4, Duration::from_secs(60)).await;
+    // Let a few more rounds pass: nothing more may be launched for these pods.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let launches = launched(&cluster);
+    println!(
+        "launched {launches} for 4 pods; pool instances {}",
+        pool_instances(&cluster, "workers").len()
+    );
+    assert_eq!(launches, 4, "exactly the bin-packed number of launches");
+    cluster.invariants.assert_held().await;
+}

@@ -275,6 +275,10 @@ fn demand_nodes(
         standby: vec![],
     };
     let mut without_warming = with_warming.clone();
+    // Members whose capacity is unknown: no Node yet, and no Node of the pool to copy the
+    // allocatable from. Each is counted as room for at least one pod, so launches in flight
+    // are never launched again (with warming nodes, without them).
+    let (mut unknown_with, mut unknown_without) = (0usize, 0usize);
     for m in members {
         let node = nodes.get(m.id());
         let free = match node {
@@ -287,15 +291,35 @@ fn demand_nodes(
             ),
             None => match &template {
                 Some(t) => t.clone(),
-                None => continue,
+                None => {
+                    match m.phase() {
+                        Phase::Standby
+                        | Phase::SelfStopped
+                        | Phase::Starting
+                        | Phase::StartPending
+                        | Phase::Running => {
+                            unknown_with += 1;
+                            unknown_without += 1;
+                        }
+                        Phase::Warming | Phase::WarmReady => unknown_with += 1,
+                        _ => {}
+                    }
+                    continue;
+                }
             },
         };
         let cand = CandidateNode {
             instance_id: m.id().into(),
             node_name: node.map(|n| n.name_any()).unwrap_or_default(),
             zone: m.instance.zone.clone(),
+            // The pool's labels are converged onto its nodes shortly after they register:
+            // count them already, or a just-registered node looks unfit and is launched again.
             labels: node
-                .map(|n| n.labels().clone())
+                .map(|n| {
+                    let mut l = n.labels().clone();
+                    l.extend(labels.clone());
+                    l
+                })
                 .unwrap_or_else(|| labels.clone()),
             free,
             images: Default::default(),
@@ -314,10 +338,11 @@ fn demand_nodes(
             _ => {}
         }
     }
-    let nodes_for = |candidate: PoolCandidate| -> usize {
+    let nodes_for = |candidate: PoolCandidate, unknown: usize| -> usize {
         let decision = plan_scale_up(&pods, &[candidate]);
         let Some(template) = &template else {
-            return decision.unserved.len();
+            // No node size known yet: one pod per node, the most a launch could need.
+            return decision.unserved.len().saturating_sub(unknown);
         };
         // First-fit decreasing of what is left into template-sized nodes.
         let fits = |free: &Resources, want: &Resources| {
@@ -353,7 +378,10 @@ fn demand_nodes(
         }
         bins.len()
     };
-    (nodes_for(with_warming), nodes_for(without_warming))
+    (
+        nodes_for(with_warming, unknown_with),
+        nodes_for(without_warming, unknown_without),
+    )
 }
 
 /// Whether some unschedulable pod could use this pool's nodes (then empty nodes stay).
@@ -464,6 +492,7 @@ async fn gather(pool: &NodePool, ctx: &Context, deleting: bool) -> Result<Gather
     let mut snapshot = snapshot;
     if snapshot.pool.pending_demand && !deleting {
         let (launch, handoff) = demand_nodes(pool, ctx, &snapshot.members, &nodes);
+        tracing::debug!(pool = %name, launch, handoff, members = snapshot.members.len(), "demand of pending pods");
         snapshot.pool.demand_nodes = launch;
         snapshot.pool.handoff_nodes = handoff;
     }
