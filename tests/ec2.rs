@@ -49,45 +49,9 @@ async fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
 
 async fn env(cluster: &str) -> Option<Env> {
     let moto = Moto::start()?;
-    moto.create_instance_profile("node-role");
     let proxy = FaultProxy::start(moto.port()).await;
-    let raw = aws_sdk_ec2::Client::new(&sdk_config(&moto.endpoint()).await);
-
-    let vpc = raw
-        .create_vpc()
-        .cidr_block("10.0.0.0/16")
-        .send()
-        .await
-        .unwrap();
-    let vpc_id = vpc.vpc().unwrap().vpc_id().unwrap().to_owned();
-    let mut subnets = Vec::new();
-    for (i, zone) in ["us-east-1a", "us-east-1b", "us-east-1c"]
-        .iter()
-        .enumerate()
-    {
-        let s = raw
-            .create_subnet()
-            .vpc_id(&vpc_id)
-            .cidr_block(format!("10.0.{i}.0/24"))
-            .availability_zone(*zone)
-            .send()
-            .await
-            .unwrap();
-        subnets.push((
-            s.subnet().unwrap().subnet_id().unwrap().to_owned(),
-            zone.to_string(),
-        ));
-    }
-    let sg = raw
-        .create_security_group()
-        .group_name("nodes")
-        .description("nodes")
-        .vpc_id(&vpc_id)
-        .send()
-        .await
-        .unwrap();
-    let images = raw.describe_images().owners("amazon").send().await.unwrap();
-    let ami = images.images()[0].image_id().unwrap().to_owned();
+    let account = moto.account().await;
+    let raw = account.client.clone();
 
     let metrics = Arc::new(CloudApiMetrics::detached());
     let retry = RetryPolicy {
@@ -107,9 +71,9 @@ async fn env(cluster: &str) -> Option<Env> {
         proxy,
         cloud,
         raw,
-        subnets,
-        security_group: sg.group_id().unwrap().to_owned(),
-        ami,
+        subnets: account.subnets,
+        security_group: account.security_group,
+        ami: account.ami,
         metrics,
         cluster: cluster.to_owned(),
     })
