@@ -506,38 +506,14 @@ async fn the_kubelet_simulator_plays_the_nodes_of_an_ec2_emulator() {
     use testkit::{kubelet::Ec2Instances, moto::Moto};
 
     let Some(moto) = Moto::start() else { return };
-    moto.create_instance_profile("node-role");
+    let account = moto.account().await;
+    let raw = account.client.clone();
     let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new("us-east-1"))
         .endpoint_url(moto.endpoint())
         .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
         .load()
         .await;
-    let raw = aws_sdk_ec2::Client::new(&sdk);
-    let vpc = raw
-        .create_vpc()
-        .cidr_block("10.0.0.0/16")
-        .send()
-        .await
-        .unwrap();
-    let subnet = raw
-        .create_subnet()
-        .vpc_id(vpc.vpc().unwrap().vpc_id().unwrap())
-        .cidr_block("10.0.1.0/24")
-        .availability_zone("us-east-1b")
-        .send()
-        .await
-        .unwrap();
-    let ami = raw
-        .describe_images()
-        .owners("amazon")
-        .send()
-        .await
-        .unwrap()
-        .images()[0]
-        .image_id()
-        .unwrap()
-        .to_owned();
     let cloud = Ec2Cloud::new(
         &sdk,
         "e2e",
@@ -548,8 +524,9 @@ async fn the_kubelet_simulator_plays_the_nodes_of_an_ec2_emulator() {
     let mut request = launch_request(
         "#!/bin/bash\n/etc/eks/bootstrap.sh c --kubelet-extra-args '--register-with-taints=node.eks.amazonaws.com/not-ready=true:NoSchedule --node-labels=stratos.sh/pool=workers'\n",
     );
-    request.spec.ami = ami;
-    request.spec.subnet_ids = vec![subnet.subnet().unwrap().subnet_id().unwrap().to_owned()];
+    request.spec.ami = account.ami.clone();
+    // The subnet in us-east-1b.
+    request.spec.subnet_ids = vec![account.subnets[1].0.clone()];
     request.spec.security_group_ids = vec![];
     let out = cloud.launch(&request).await;
     assert!(out.errors.is_empty(), "{:?}", out.errors);
