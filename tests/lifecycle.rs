@@ -1208,3 +1208,31 @@ async fn a_pool_without_standby_launches_exactly_what_the_pods_need() {
     assert_eq!(launches, 4, "exactly the bin-packed number of launches");
     cluster.invariants.assert_held().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_pool_packs_its_first_launch_by_a_known_node_size() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    let _operator = cluster.start_operator();
+    cluster.apply_yaml(QUICKSTART).await;
+    wait_standby(&cluster, "workers", 3, 3).await;
+    // A second pool of the same class, without standby: no node of its own yet, but the
+    // first pool's m5.large nodes tell the size.
+    let cold = pool_doc()
+        .replace("name: workers\nspec:", "name: cold\nspec:")
+        .replace("minStandby: 3", "minStandby: 0")
+        .replace("stratos.sh/pool: workers", "stratos.sh/pool: cold");
+    cluster.apply_yaml(&cold).await;
+    let launched_before = launched(&cluster);
+    // Eight 900m pods: two per m5.large (1920m allocatable), so four nodes.
+    for i in 0..8 {
+        cluster
+            .apply_yaml(&pod_yaml(&format!("job-{i}"), "cold", "900m", ""))
+            .await;
+    }
+    wait_pods_running(&cluster, 8, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let launches = launched(&cluster) - launched_before;
+    println!("launched {launches} for 8 pods of 900m");
+    assert_eq!(launches, 4, "bin-packed by the known node size");
+    cluster.invariants.assert_held().await;
+}

@@ -257,13 +257,24 @@ fn demand_nodes(
             pods_by_node.entry(n).or_default().push(pod);
         }
     }
-    let template: Option<Resources> = nodes.values().find_map(|n| {
+    let allocatable = |n: &Node| -> Option<Resources> {
         let a = n.status.as_ref()?.allocatable.as_ref()?;
         Some(
             a.iter()
                 .map(|(k, v)| (k.clone(), super::pending::pod_quantity(&v.0)))
                 .collect(),
         )
+    };
+    // The size of a node of this pool: one of its own, else any node of the same instance
+    // type in the cluster (another pool's, say), so even a brand-new pool launches by
+    // bin-packing rather than one node per pod.
+    let template: Option<Resources> = nodes.values().find_map(|n| allocatable(n)).or_else(|| {
+        let (class, _) = class_of(&pool.spec, ctx)?;
+        ctx.stores.nodes.state().iter().find_map(|n| {
+            (n.labels().get("node.kubernetes.io/instance-type") == Some(&class.spec.instance_type))
+                .then(|| allocatable(n))
+                .flatten()
+        })
     });
     // Capacity with and without the warming nodes: without them decides how many warm
     // nodes go to the pods; with them, how many more to launch.
