@@ -234,7 +234,7 @@ fn demand_nodes(
     nodes: &HashMap<String, Arc<Node>>,
 ) -> (usize, usize) {
     use crate::pool::scaleup::{
-        CandidateNode, PendingPod, PoolCandidate, Resources, plan_scale_up,
+        CandidateNode, PendingPod, PoolCandidate, Resources, nodes_to_launch,
     };
     let mut labels = pool.spec.template.labels.clone();
     labels.insert(POOL_LABEL.into(), pool.name_any());
@@ -291,33 +291,35 @@ fn demand_nodes(
     // are never launched again (with warming nodes, without them).
     let (mut unknown_with, mut unknown_without) = (0usize, 0usize);
     for m in members {
+        #[derive(PartialEq)]
+        enum Capacity {
+            Standby,
+            Starting,
+            Warming,
+        }
+        let capacity = match m.phase() {
+            Phase::Standby | Phase::SelfStopped => Capacity::Standby,
+            Phase::Starting | Phase::StartPending | Phase::Running => Capacity::Starting,
+            Phase::Warming | Phase::WarmReady => Capacity::Warming,
+            _ => continue,
+        };
         let node = nodes.get(m.id());
-        let free = match node {
-            Some(n) => super::pending::node_free(
+        let free = match (node, &template) {
+            (Some(n), _) => super::pending::node_free(
                 n,
                 pods_by_node
                     .get(&n.name_any())
                     .map(Vec::as_slice)
                     .unwrap_or_default(),
             ),
-            None => match &template {
-                Some(t) => t.clone(),
-                None => {
-                    match m.phase() {
-                        Phase::Standby
-                        | Phase::SelfStopped
-                        | Phase::Starting
-                        | Phase::StartPending
-                        | Phase::Running => {
-                            unknown_with += 1;
-                            unknown_without += 1;
-                        }
-                        Phase::Warming | Phase::WarmReady => unknown_with += 1,
-                        _ => {}
-                    }
-                    continue;
+            (None, Some(t)) => t.clone(),
+            (None, None) => {
+                unknown_with += 1;
+                if capacity != Capacity::Warming {
+                    unknown_without += 1;
                 }
-            },
+                continue;
+            }
         };
         let cand = CandidateNode {
             instance_id: m.id().into(),
@@ -336,62 +338,21 @@ fn demand_nodes(
             images: Default::default(),
             last_used: None,
         };
-        match m.phase() {
-            Phase::Standby | Phase::SelfStopped => {
+        match capacity {
+            Capacity::Standby => {
                 with_warming.standby.push(cand.clone());
                 without_warming.standby.push(cand);
             }
-            Phase::Starting | Phase::StartPending | Phase::Running => {
+            Capacity::Starting => {
                 with_warming.starting.push(cand.clone());
                 without_warming.starting.push(cand);
             }
-            Phase::Warming | Phase::WarmReady => with_warming.starting.push(cand),
-            _ => {}
+            Capacity::Warming => with_warming.starting.push(cand),
         }
     }
-    let nodes_for = |candidate: PoolCandidate, unknown: usize| -> usize {
-        let decision = plan_scale_up(&pods, &[candidate]);
-        let Some(template) = &template else {
-            // No node size known yet: one pod per node, the most a launch could need.
-            return decision.unserved.len().saturating_sub(unknown);
-        };
-        // First-fit decreasing of what is left into template-sized nodes.
-        let fits = |free: &Resources, want: &Resources| {
-            want.iter()
-                .all(|(k, v)| *v <= 0.0 || free.get(k).copied().unwrap_or(0.0) + 1e-9 >= *v)
-        };
-        let mut left: Vec<&PendingPod> = pods
-            .iter()
-            .filter(|p| decision.unserved.iter().any(|(k, _)| *k == p.key))
-            .collect();
-        left.sort_by(|a, b| {
-            b.requests
-                .get("cpu")
-                .copied()
-                .unwrap_or(0.0)
-                .total_cmp(&a.requests.get("cpu").copied().unwrap_or(0.0))
-        });
-        let mut bins: Vec<Resources> = Vec::new();
-        for pod in left {
-            if !fits(template, &pod.requests) {
-                continue;
-            }
-            let slot = match bins.iter().position(|b| fits(b, &pod.requests)) {
-                Some(i) => i,
-                None => {
-                    bins.push(template.clone());
-                    bins.len() - 1
-                }
-            };
-            for (k, v) in &pod.requests {
-                *bins[slot].entry(k.clone()).or_default() -= v;
-            }
-        }
-        bins.len()
-    };
     (
-        nodes_for(with_warming, unknown_with),
-        nodes_for(without_warming, unknown_without),
+        nodes_to_launch(&pods, with_warming, template.as_ref(), unknown_with),
+        nodes_to_launch(&pods, without_warming, template.as_ref(), unknown_without),
     )
 }
 

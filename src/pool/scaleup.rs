@@ -265,6 +265,41 @@ pub fn plan_scale_up(pods: &[PendingPod], pools: &[PoolCandidate]) -> ScaleUp {
     }
 }
 
+/// How many new nodes `pods` need beyond what `pool` holds (SPEC §6, standby exhausted):
+/// the pods no node of the pool takes, first-fit-decreasing into nodes of `node_size`.
+/// Pods larger than a node are not counted. Without a known node size, one node per pod,
+/// less the `unknown` members whose size is not known either (launched, not registered).
+pub fn nodes_to_launch(
+    pods: &[PendingPod],
+    pool: PoolCandidate,
+    node_size: Option<&Resources>,
+    unknown: usize,
+) -> usize {
+    let decision = plan_scale_up(pods, &[pool]);
+    let Some(size) = node_size else {
+        return decision.unserved.len().saturating_sub(unknown);
+    };
+    let mut left: Vec<&PendingPod> = pods
+        .iter()
+        .filter(|p| decision.unserved.iter().any(|(k, _)| *k == p.key))
+        .filter(|p| fits(size, &p.requests))
+        .collect();
+    let cpu = |p: &PendingPod| p.requests.get("cpu").copied().unwrap_or(0.0);
+    left.sort_by(|a, b| cpu(b).total_cmp(&cpu(a)));
+    let mut bins: Vec<Resources> = Vec::new();
+    for pod in left {
+        let slot = match bins.iter().position(|b| fits(b, &pod.requests)) {
+            Some(i) => i,
+            None => {
+                bins.push(size.clone());
+                bins.len() - 1
+            }
+        };
+        take(&mut bins[slot], &pod.requests);
+    }
+    bins.len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -504,5 +539,80 @@ mod tests {
             .collect();
         assert_eq!(reasons["waits"], "PoolExhausted");
         assert_eq!(reasons["misfit"], "NoMatchingPool");
+    }
+
+    #[test]
+    fn launches_pack_what_no_node_takes_into_nodes_of_the_known_size() {
+        // An m5.large: 1920m, 7 GiB, 29 pods.
+        let mut size = res(1.92, 7.0);
+        size.insert("pods".to_owned(), 29.0);
+        let pods = |n: usize, cpu: f64| -> Vec<PendingPod> {
+            (0..n)
+                .map(|i| pod(&format!("p{i}"), cpu, json!({}), &[]))
+                .collect()
+        };
+        let empty = || pool("a", vec![], vec![]);
+        let with_standby = || pool("a", vec![node("i-1", "a", 1.92, &[], 0, json!({}))], vec![]);
+        type Case<'a> = (
+            &'a str,
+            Vec<PendingPod>,
+            PoolCandidate,
+            Option<&'a Resources>,
+            usize,
+            usize,
+        );
+        let table: Vec<Case> = vec![
+            (
+                "one 1.5 CPU pod per node",
+                pods(4, 1.5),
+                empty(),
+                Some(&size),
+                0,
+                4,
+            ),
+            (
+                "two 0.9 CPU pods per node",
+                pods(8, 0.9),
+                empty(),
+                Some(&size),
+                0,
+                4,
+            ),
+            (
+                "a standby node takes two first",
+                pods(8, 0.9),
+                with_standby(),
+                Some(&size),
+                0,
+                3,
+            ),
+            (
+                "larger than a node: not counted",
+                pods(2, 3.0),
+                empty(),
+                Some(&size),
+                0,
+                0,
+            ),
+            (
+                "size unknown: one per pod",
+                pods(3, 0.1),
+                empty(),
+                None,
+                0,
+                3,
+            ),
+            (
+                "size unknown, two launched already",
+                pods(3, 0.1),
+                empty(),
+                None,
+                2,
+                1,
+            ),
+        ];
+        for (what, pods, pool, size, unknown, want) in table {
+            assert_eq!(nodes_to_launch(&pods, pool, size, unknown), want, "{what}");
+        }
     }
 }
