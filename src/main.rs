@@ -87,26 +87,15 @@ fn run(cfg: RunConfig) -> ExitCode {
 /// Connects, serves the endpoints, and runs the controllers while leading, until SIGTERM.
 async fn serve(cfg: RunConfig) -> Result<(), String> {
     let health = Health::new();
-    // One signal for everything: the endpoints close only after the lease is released.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Two stops: SIGTERM stops the controllers and releases the lease; the endpoints close
+    // only after that, so probes and scrapes see the shutdown through.
+    let (stop, stopped) = stop_signal();
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("SIGTERM: finishing in-flight work, then releasing the lease");
-        let _ = stop_tx.send(true);
+        let _ = stop.send(true);
     });
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
-    let (http_stop_tx, http_stop_rx) = tokio::sync::watch::channel(false);
-    let http_stopped = move || {
-        let mut rx = http_stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
+    let (http_stop, http_stopped) = stop_signal();
 
     let registry = prometheus::Registry::new();
     let cloud_metrics =
@@ -179,13 +168,30 @@ async fn serve(cfg: RunConfig) -> Result<(), String> {
         .map(|_| ())
         .map_err(|e| e.to_string())
     } else {
-        controllers(Box::pin(stopped())).await;
+        controllers(stopped()).await;
         Ok(())
     };
     health.set(Phase::ShuttingDown);
-    let _ = http_stop_tx.send(true);
+    let _ = http_stop.send(true);
     let _ = tokio::join!(health_server, metrics_server);
     result
+}
+
+/// A stop that any number of futures wait for: send `true` once and every future that
+/// `stopped()` made resolves.
+fn stop_signal() -> (
+    tokio::sync::watch::Sender<bool>,
+    impl Fn() -> futures::future::BoxFuture<'static, ()>,
+) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = rx.clone();
+        let wait: futures::future::BoxFuture<'static, ()> = Box::pin(async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        });
+        wait
+    };
+    (tx, stopped)
 }
 
 async fn shutdown_signal() {

@@ -586,6 +586,17 @@ async fn patch_node(ctx: &Context, node: &Node, patch: serde_json::Value) -> Res
     Ok(())
 }
 
+/// The node's taints without the standby taint: what a node leaving standby keeps.
+pub(crate) fn taints_out_of_standby(node: &Node) -> Vec<Taint> {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| t.key != STANDBY_TAINT)
+        .collect()
+}
+
 fn standby_taints(pool: &NodePool, node: &Node) -> Vec<Taint> {
     let startup = startup_taint_keys(pool);
     let mut taints: Vec<Taint> = node
@@ -876,14 +887,7 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
             }
             Action::Handoff { instance, node } => {
                 if let Some(n) = g.nodes.get(instance) {
-                    let taints: Vec<Taint> = n
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.taints.clone())
-                        .unwrap_or_default()
-                        .into_iter()
-                        .filter(|t| t.key != STANDBY_TAINT)
-                        .collect();
+                    let taints = taints_out_of_standby(n);
                     let patch = json!({
                         "metadata": {"labels": desired_labels(pool, NodeState::Running)},
                         "spec": {"unschedulable": null, "taints": taints},

@@ -17,7 +17,7 @@ use kube::{
 };
 use serde_json::json;
 
-use super::{CachedPod, Context, instances::Change, nodepool::STANDBY_TAINT};
+use super::{CachedPod, Context, instances::Change, nodepool::taints_out_of_standby};
 use crate::{
     api::{NodePool, nodepool::STATE_LABEL},
     cloud::{InstanceState, parse_provider_id, tags},
@@ -413,14 +413,7 @@ async fn start_for_pool(
     let api: Api<Node> = Api::all(ctx.client.clone());
     let marked = futures::future::join_all(scale.start.iter().filter_map(|id| {
         let node = nodes_by_instance.get(id)?;
-        let taints: Vec<_> = node
-            .spec
-            .as_ref()
-            .and_then(|s| s.taints.clone())
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|t| t.key != STANDBY_TAINT)
-            .collect();
+        let taints = taints_out_of_standby(node);
         let patch = json!({
             "metadata": {
                 "resourceVersion": node.resource_version(),
