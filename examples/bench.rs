@@ -38,6 +38,21 @@ const PODS: usize = 1_000;
 /// m5.2xlarge has 7920m allocatable: 15 pods of 500m per node, 7 nodes for 100 pods.
 const NODES_PER_POOL: usize = 7;
 
+/// Creates every object, 32 requests at a time.
+async fn create_all<K>(api: &Api<K>, objects: impl Iterator<Item = serde_json::Value>)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::Serialize + serde::de::DeserializeOwned,
+{
+    futures::stream::iter(objects)
+        .map(|o| async move {
+            let o: K = serde_json::from_value(o).unwrap();
+            api.create(&PostParams::default(), &o).await.unwrap();
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -103,17 +118,7 @@ async fn decision() -> bool {
             let stream = watcher(pods, watcher::Config::default()).applied_objects();
             let mut stream = std::pin::pin!(stream);
             while let Ok(Some(pod)) = stream.try_next().await {
-                let unschedulable = pod
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|c| {
-                        c.iter().any(|c| {
-                            c.type_ == "PodScheduled"
-                                && c.reason.as_deref() == Some("Unschedulable")
-                        })
-                    });
-                if unschedulable {
+                if stratos::controller::pending::is_pending_unschedulable(&pod) {
                     marked
                         .lock()
                         .unwrap()
@@ -124,24 +129,19 @@ async fn decision() -> bool {
         })
     };
     let burst = Instant::now();
-    futures::stream::iter(0..PODS)
-        .map(|i| {
-            let pods = pods.clone();
-            async move {
-                let pod: Pod = serde_json::from_value(json!({
-                    "metadata": {"name": format!("job-{i}"), "namespace": "default"},
-                    "spec": {
-                        "nodeSelector": {"stratos.sh/pool": format!("pool-{}", i % POOLS)},
-                        "containers": [{"name": "c", "image": "runner:1", "resources": {"requests": {"cpu": "500m"}}}]
-                    }
-                }))
-                .unwrap();
-                pods.create(&PostParams::default(), &pod).await.unwrap();
-            }
-        })
-        .buffer_unordered(32)
-        .collect::<Vec<_>>()
-        .await;
+    create_all(
+        &pods,
+        (0..PODS).map(|i| {
+            json!({
+                "metadata": {"name": format!("job-{i}"), "namespace": "default"},
+                "spec": {
+                    "nodeSelector": {"stratos.sh/pool": format!("pool-{}", i % POOLS)},
+                    "containers": [{"name": "c", "image": "runner:1", "resources": {"requests": {"cpu": "500m"}}}]
+                }
+            })
+        }),
+    )
+    .await;
     println!(
         "decision: {PODS} pods created in {:.2}s",
         burst.elapsed().as_secs_f64()
@@ -294,46 +294,36 @@ async fn memory() -> bool {
     let client = server.client();
     let t0 = Instant::now();
     let nodes: Api<Node> = Api::all(client.clone());
-    futures::stream::iter(0..NODES)
-        .map(|i| {
-            let nodes = nodes.clone();
-            async move {
-                let node: Node = serde_json::from_value(json!({
-                    "metadata": {"name": format!("ip-10-1-{}-{}.ec2.internal", i / 250, i % 250),
-                        "labels": {"kubernetes.io/os": "linux", "node.kubernetes.io/instance-type": "m5.2xlarge", "topology.kubernetes.io/zone": "us-east-1a"}},
-                    "spec": {"providerID": format!("aws:///us-east-1a/i-{i:017x}")},
-                    "status": {"allocatable": {"cpu": "7920m", "memory": "29Gi", "pods": "58"}, "capacity": {"cpu": "8", "memory": "32Gi", "pods": "58"},
-                        "conditions": [{"type": "Ready", "status": "True"}]}
-                }))
-                .unwrap();
-                nodes.create(&PostParams::default(), &node).await.unwrap();
-            }
-        })
-        .buffer_unordered(32)
-        .collect::<Vec<_>>()
-        .await;
+    create_all(
+        &nodes,
+        (0..NODES).map(|i| {
+            json!({
+                "metadata": {"name": format!("ip-10-1-{}-{}.ec2.internal", i / 250, i % 250),
+                    "labels": {"kubernetes.io/os": "linux", "node.kubernetes.io/instance-type": "m5.2xlarge", "topology.kubernetes.io/zone": "us-east-1a"}},
+                "spec": {"providerID": format!("aws:///us-east-1a/i-{i:017x}")},
+                "status": {"allocatable": {"cpu": "7920m", "memory": "29Gi", "pods": "58"}, "capacity": {"cpu": "8", "memory": "32Gi", "pods": "58"},
+                    "conditions": [{"type": "Ready", "status": "True"}]}
+            })
+        }),
+    )
+    .await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    futures::stream::iter(0..PODS_TOTAL)
-        .map(|i| {
-            let pods = pods.clone();
-            async move {
-                let pod: Pod = serde_json::from_value(json!({
-                    "metadata": {"name": format!("app-{i}"), "namespace": "default",
-                        "labels": {"app": format!("app-{}", i % 100), "pod-template-hash": "5d8f9c7b6"}},
-                    "spec": {
-                        "nodeName": format!("ip-10-1-{}-{}.ec2.internal", (i % NODES) / 250, (i % NODES) % 250),
-                        "containers": [{"name": "app", "image": "registry.example.com/team/app:1.2.3",
-                            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
-                            "env": [{"name": "MODE", "value": "production"}]}]
-                    }
-                }))
-                .unwrap();
-                pods.create(&PostParams::default(), &pod).await.unwrap();
-            }
-        })
-        .buffer_unordered(32)
-        .collect::<Vec<_>>()
-        .await;
+    create_all(
+        &pods,
+        (0..PODS_TOTAL).map(|i| {
+            json!({
+                "metadata": {"name": format!("app-{i}"), "namespace": "default",
+                    "labels": {"app": format!("app-{}", i % 100), "pod-template-hash": "5d8f9c7b6"}},
+                "spec": {
+                    "nodeName": format!("ip-10-1-{}-{}.ec2.internal", (i % NODES) / 250, (i % NODES) % 250),
+                    "containers": [{"name": "app", "image": "registry.example.com/team/app:1.2.3",
+                        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
+                        "env": [{"name": "MODE", "value": "production"}]}]
+                }
+            })
+        }),
+    )
+    .await;
     println!(
         "memory: {NODES} nodes and {PODS_TOTAL} pods created in {:.0}s",
         t0.elapsed().as_secs_f64()

@@ -6,7 +6,6 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use aws_sdk_ec2::config::Credentials;
 use base64::Engine;
 use stratos::{
     api::awsnodeclass::{BlockDeviceMapping, HttpEndpoint, HttpTokens, VolumeType},
@@ -20,7 +19,7 @@ use stratos::{
 };
 use testkit::{
     ec2_faults::{Fault, FaultProxy},
-    moto::Moto,
+    moto::{Moto, sdk_config},
 };
 
 const PROFILE_ARN: &str = "arn:aws:iam::123456789012:instance-profile/node-role";
@@ -36,15 +35,6 @@ struct Env {
     ami: String,
     metrics: Arc<CloudApiMetrics>,
     cluster: String,
-}
-
-async fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
-        .load()
-        .await
 }
 
 async fn env(cluster: &str) -> Option<Env> {

@@ -88,6 +88,27 @@ fn launched(cluster: &TestCluster) -> usize {
         .sum()
 }
 
+/// The StartInstances calls after the first `before`, logged with the nodes each started.
+fn starts_since(
+    cluster: &TestCluster,
+    before: usize,
+    what: &str,
+) -> Vec<stratos::cloud::fake::CallRecord> {
+    let starts: Vec<_> = cluster
+        .cloud
+        .calls()
+        .into_iter()
+        .filter(|c| c.operation == Operation::StartInstances)
+        .skip(before)
+        .collect();
+    println!(
+        "{what}: StartInstances calls: {}, nodes started: {:?}",
+        starts.len(),
+        starts.iter().map(|c| c.ids.len()).collect::<Vec<_>>()
+    );
+    starts
+}
+
 /// Waits until `n` pods in `default` run.
 async fn wait_pods_running(cluster: &TestCluster, n: usize, timeout: Duration) {
     let pods: Api<k8s_openapi::api::core::v1::Pod> =
@@ -720,18 +741,7 @@ async fn a_burst_starts_the_bin_packed_number_of_standby_nodes_in_one_call() {
             .await;
     }
     wait_pods_running(&cluster, 6, Duration::from_secs(30)).await;
-    let starts: Vec<_> = cluster
-        .cloud
-        .calls()
-        .into_iter()
-        .filter(|c| c.operation == Operation::StartInstances)
-        .skip(starts_before)
-        .collect();
-    println!(
-        "StartInstances calls: {}, nodes started: {:?}",
-        starts.len(),
-        starts.iter().map(|c| c.ids.len()).collect::<Vec<_>>()
-    );
+    let starts = starts_since(&cluster, starts_before, "burst of 6");
     assert_eq!(starts.len(), 1, "one StartInstances call for the burst");
     assert_eq!(
         starts[0].ids.len(),
@@ -896,21 +906,11 @@ async fn a_pdb_blocked_drain_is_aborted_and_the_node_runs_again() {
     let pods: Api<k8s_openapi::api::core::v1::Pod> =
         Api::default_namespaced(cluster.client.clone());
     let node = cluster
-        .wait_for("the pod running", Duration::from_secs(30), || async {
-            let p = pods.get("web").await.ok()?;
-            (p.status.as_ref()?.phase.as_deref() == Some("Running"))
-                .then(|| p.spec.unwrap().node_name.unwrap())
-        })
+        .running_node_of("web", Duration::from_secs(30))
         .await;
     // The race a drain can meet: the pod landed as the drain began. Its PDB forbids eviction.
     let nodes: Api<Node> = Api::all(cluster.client.clone());
-    nodes
-        .patch(&node, &PatchParams::default(), &Patch::Merge(json!({
-            "metadata": {"labels": {"stratos.sh/state": "draining"}, "annotations": {"stratos.sh/draining-since": jiff::Timestamp::now().to_string()}},
-            "spec": {"unschedulable": true}
-        })))
-        .await
-        .unwrap();
+    cluster.begin_drain(&node).await;
     cluster
         .wait_for(
             "the drain aborted: running and schedulable again",
@@ -1121,18 +1121,7 @@ async fn a_ci_burst_of_40_jobs_starts_five_nodes_in_one_call_and_they_return_to_
             .await;
     }
     wait_pods_running(&cluster, 40, Duration::from_secs(60)).await;
-    let starts: Vec<_> = cluster
-        .cloud
-        .calls()
-        .into_iter()
-        .filter(|c| c.operation == Operation::StartInstances)
-        .skip(starts_before)
-        .collect();
-    println!(
-        "CI burst of 40 jobs: StartInstances calls: {}, nodes started: {:?}",
-        starts.len(),
-        starts.iter().map(|c| c.ids.len()).collect::<Vec<_>>()
-    );
+    let starts = starts_since(&cluster, starts_before, "CI burst of 40 jobs");
     assert_eq!(starts.len(), 1, "one StartInstances call for the burst");
     let started: std::collections::BTreeSet<String> = starts[0].ids.iter().cloned().collect();
     assert_eq!(

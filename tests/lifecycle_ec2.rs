@@ -4,7 +4,6 @@
 
 use std::{sync::Arc, time::Duration};
 
-use aws_sdk_ec2::config::Credentials;
 use kube::Api;
 use stratos::{
     api::NodePool,
@@ -32,12 +31,7 @@ async fn the_quickstart_pool_fills_on_the_ec2_path() {
     let Some(moto) = Moto::start() else { return };
     let account = moto.account().await;
     let raw = account.client.clone();
-    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(moto.endpoint())
-        .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
-        .load()
-        .await;
+    let sdk = testkit::moto::sdk_config(&moto.endpoint()).await;
     // The example, unchanged but for the ids that exist in this emulated account.
     let quickstart = account.localize(QUICKSTART);
 

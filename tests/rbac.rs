@@ -12,7 +12,7 @@ use std::{
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams},
+    api::{DeleteParams, ListParams},
 };
 use serde_json::{Value, json};
 use stratos::{
@@ -194,20 +194,10 @@ async fn the_chart_grants_exactly_the_calls_stratos_makes() {
         .apply_yaml("apiVersion: v1\nkind: Pod\nmetadata:\n  name: job\n  namespace: default\nspec:\n  nodeSelector:\n    stratos.sh/pool: workers\n  containers:\n    - name: c\n      image: runner:1\n      resources:\n        requests:\n          cpu: 500m\n")
         .await;
     let node = cluster
-        .wait_for("the pod running", Duration::from_secs(30), || async {
-            let p = pods.get("job").await.ok()?;
-            (p.status.as_ref()?.phase.as_deref() == Some("Running"))
-                .then(|| p.spec.unwrap().node_name.unwrap())
-        })
+        .running_node_of("job", Duration::from_secs(30))
         .await;
     let nodes: Api<Node> = Api::all(cluster.client.clone());
-    nodes
-        .patch(&node, &PatchParams::default(), &Patch::Merge(json!({
-            "metadata": {"labels": {"stratos.sh/state": "draining"}, "annotations": {"stratos.sh/draining-since": jiff::Timestamp::now().to_string()}},
-            "spec": {"unschedulable": true}
-        })))
-        .await
-        .unwrap();
+    cluster.begin_drain(&node).await;
     cluster
         .wait_for("the pod evicted", Duration::from_secs(30), || async {
             pods.get_opt("job").await.ok()?.is_none().then_some(())

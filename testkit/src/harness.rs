@@ -242,6 +242,36 @@ impl TestCluster {
         }
     }
 
+    /// Waits until pod `default/name` runs; returns its node.
+    pub async fn running_node_of(&self, name: &str, timeout: Duration) -> String {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), "default");
+        self.wait_for(&format!("pod {name} running"), timeout, || async {
+            let p = pods.get(name).await.ok()?;
+            (p.status.as_ref()?.phase.as_deref() == Some("Running"))
+                .then(|| p.spec?.node_name)
+                .flatten()
+        })
+        .await
+    }
+
+    /// Marks `node` as Stratos does when a drain begins (state, start time, cordon): the
+    /// race where a pod lands on a node just as its drain starts.
+    pub async fn begin_drain(&self, node: &str) {
+        let patch = serde_json::json!({
+            "metadata": {
+                "labels": {stratos::api::nodepool::STATE_LABEL: "draining"},
+                "annotations": {
+                    stratos::controller::nodepool::DRAINING_SINCE: jiff::Timestamp::now().to_string(),
+                },
+            },
+            "spec": {"unschedulable": true},
+        });
+        Api::<Node>::all(self.client.clone())
+            .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("mark the node draining");
+    }
+
     /// Polls `check` until it returns `Some`, or fails with `what` and a dump of the cluster.
     pub async fn wait_for<T, F, Fut>(&self, what: &str, timeout: Duration, mut check: F) -> T
     where

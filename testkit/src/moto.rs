@@ -121,6 +121,19 @@ impl Ec2Account {
     }
 }
 
+/// An SDK configuration for an EC2 endpoint on 127.0.0.1 (this emulator, or a fault proxy
+/// in front of it): us-east-1, static test credentials.
+pub async fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            "test", "test", None, None, "testkit",
+        ))
+        .load()
+        .await
+}
+
 impl Moto {
     /// An EC2 client for this emulator, with static test credentials in us-east-1.
     pub fn ec2_client(&self) -> aws_sdk_ec2::Client {

@@ -495,7 +495,6 @@ async fn the_kubelet_simulator_walks_a_node_through_its_lifecycle() {
 /// taints from the user data, as with FakeCloud.
 #[tokio::test]
 async fn the_kubelet_simulator_plays_the_nodes_of_an_ec2_emulator() {
-    use aws_sdk_ec2::config::Credentials;
     use stratos::{
         cloud::{
             ec2::{Ec2Cloud, RetryPolicy},
@@ -508,12 +507,7 @@ async fn the_kubelet_simulator_plays_the_nodes_of_an_ec2_emulator() {
     let Some(moto) = Moto::start() else { return };
     let account = moto.account().await;
     let raw = account.client.clone();
-    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(moto.endpoint())
-        .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
-        .load()
-        .await;
+    let sdk = testkit::moto::sdk_config(&moto.endpoint()).await;
     let cloud = Ec2Cloud::new(
         &sdk,
         "e2e",
