@@ -110,7 +110,7 @@ async fn decision() -> bool {
 
     // When the scheduler marked each pod unschedulable, as a watch sees it.
     let marked: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    let pods: Api<Pod> = cluster.pods();
     let watch = {
         let marked = marked.clone();
         let pods = pods.clone();
@@ -132,13 +132,14 @@ async fn decision() -> bool {
     create_all(
         &pods,
         (0..PODS).map(|i| {
-            json!({
-                "metadata": {"name": format!("job-{i}"), "namespace": "default"},
+            cluster.scoped(json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": format!("job-{i}")},
                 "spec": {
                     "nodeSelector": {"stratos.sh/pool": format!("pool-{}", i % POOLS)},
                     "containers": [{"name": "c", "image": "runner:1", "resources": {"requests": {"cpu": "500m"}}}]
                 }
-            })
+            }))
         }),
     )
     .await;
@@ -196,7 +197,7 @@ async fn decision() -> bool {
     let mut latencies = Vec::new();
     let mut unserved = 0;
     for i in 0..PODS {
-        let pool = format!("pool-{}", i % POOLS);
+        let pool = cluster.name(&format!("pool-{}", i % POOLS));
         let Some(at) = marked.get(&format!("job-{i}")) else {
             unserved += 1;
             continue;

@@ -65,7 +65,6 @@ async fn main() {
     );
     let options = ClusterOptions {
         cloud: FakeCloudConfig {
-            cluster: "e2e".into(),
             pending_to_running: scaled(15.0, speed),
             launch_extra: scaled(25.0, speed),
             stopping_to_stopped: scaled(10.0, speed),
@@ -116,7 +115,13 @@ async fn main() {
         s
     };
     loop {
-        let s = show(pools.get("workers").await.ok().and_then(|p| p.status));
+        let s = show(
+            pools
+                .get(&cluster.name("workers"))
+                .await
+                .ok()
+                .and_then(|p| p.status),
+        );
         if s.standby == 3 && s.warmup == 0 {
             break;
         }
@@ -137,7 +142,7 @@ async fn main() {
         at()
     );
 
-    let pods: Api<Pod> = Api::default_namespaced(cluster.client.clone());
+    let pods: Api<Pod> = cluster.pods();
     let mut created: BTreeMap<String, (Instant, &str)> = BTreeMap::new();
     // Burst 1: six 900m pods, two per m5.large: three standby nodes start in one call.
     for i in 0..6 {
@@ -177,7 +182,13 @@ async fn main() {
             .map(|l| l.items)
             .unwrap_or_default();
         wait_running(&mut running, &list, &created);
-        show(pools.get("workers").await.ok().and_then(|p| p.status));
+        show(
+            pools
+                .get(&cluster.name("workers"))
+                .await
+                .ok()
+                .and_then(|p| p.status),
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let starts: Vec<usize> = cluster
@@ -221,7 +232,13 @@ async fn main() {
             .map(|l| l.items)
             .unwrap_or_default();
         wait_running(&mut running, &list, &created);
-        show(pools.get("workers").await.ok().and_then(|p| p.status));
+        show(
+            pools
+                .get(&cluster.name("workers"))
+                .await
+                .ok()
+                .and_then(|p| p.status),
+        );
         if t0.elapsed() > Duration::from_secs(600) {
             println!("giving up after 10 minutes");
             break;
@@ -267,9 +284,15 @@ async fn main() {
     );
     let deadline = Instant::now() + Duration::from_secs_f64(120.0 * speed * 4.0 + 30.0);
     loop {
-        let s = show(pools.get("workers").await.ok().and_then(|p| p.status));
+        let s = show(
+            pools
+                .get(&cluster.name("workers"))
+                .await
+                .ok()
+                .and_then(|p| p.status),
+        );
         let cold = pools
-            .get("cold")
+            .get(&cluster.name("cold"))
             .await
             .ok()
             .and_then(|p| p.status)

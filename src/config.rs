@@ -101,6 +101,12 @@ pub struct RunConfig {
     /// Image whose `/stratos` binary runs in the pre-pull pods (default: this version's image).
     #[arg(long, env = "STRATOS_PREPULL_IMAGE")]
     pub prepull_image: Option<String>,
+
+    /// Manage only the NodePools and AWSNodeClasses matching this label selector (and the
+    /// Nodes of those pools), e.g. `team=ci`: several operators can share one cluster.
+    /// Default: every pool.
+    #[arg(long, env = "STRATOS_POOL_SELECTOR")]
+    pub pool_selector: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

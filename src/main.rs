@@ -129,6 +129,7 @@ async fn serve(cfg: RunConfig) -> Result<(), String> {
     ));
     let mut operator = OperatorConfig::new(&cfg.cluster_name);
     operator.prepull_namespace = cfg.prepull_namespace.clone();
+    operator.pool_selector = cfg.pool_selector.clone();
     if let Some(image) = &cfg.prepull_image {
         operator.prepull_image = image.clone();
     }

@@ -50,7 +50,7 @@ fn pool_doc() -> &'static str {
 
 async fn pool_status(cluster: &TestCluster, name: &str) -> Option<stratos::api::NodePoolStatus> {
     Api::<NodePool>::all(cluster.client.clone())
-        .get_opt(name)
+        .get_opt(&cluster.name(name))
         .await
         .ok()??
         .status
@@ -74,7 +74,7 @@ fn pool_instances(cluster: &TestCluster, pool: &str) -> Vec<stratos::cloud::Inst
         .cloud
         .all_instances()
         .into_iter()
-        .filter(|i| i.tag(tags::POOL) == Some(pool) && i.state.is_live())
+        .filter(|i| i.tag(tags::POOL) == Some(cluster.name(pool).as_str()) && i.state.is_live())
         .collect()
 }
 
@@ -109,10 +109,9 @@ fn starts_since(
     starts
 }
 
-/// Waits until `n` pods in `default` run.
+/// Waits until `n` of the test's pods run.
 async fn wait_pods_running(cluster: &TestCluster, n: usize, timeout: Duration) {
-    let pods: Api<k8s_openapi::api::core::v1::Pod> =
-        Api::default_namespaced(cluster.client.clone());
+    let pods = cluster.pods();
     cluster
         .wait_for(&format!("{n} pods running"), timeout, || async {
             let list = pods.list(&ListParams::default()).await.ok()?;
@@ -160,7 +159,7 @@ async fn fills_a_pool_to_min_standby() {
     for inst in &instances {
         assert_eq!(inst.state, InstanceState::Stopped, "{}", inst.id);
         assert_eq!(inst.tag(tags::STATE), Some("standby"));
-        assert_eq!(inst.tag(tags::CLUSTER), Some("e2e"));
+        assert_eq!(inst.tag(tags::CLUSTER), Some(cluster.cluster_name.as_str()));
         assert!(inst.tag(tags::NODECLASS_HASH).is_some());
         let node = nodes
             .get(inst.private_dns_name.as_deref().unwrap())
@@ -168,8 +167,8 @@ async fn fills_a_pool_to_min_standby() {
             .unwrap();
         let labels = node.labels();
         assert_eq!(
-            labels.get("stratos.sh/pool").map(String::as_str),
-            Some("workers")
+            labels.get("stratos.sh/pool"),
+            Some(&cluster.name("workers"))
         );
         assert_eq!(
             labels.get("stratos.sh/state").map(String::as_str),
@@ -226,12 +225,12 @@ async fn fills_a_pool_to_min_standby() {
         .unwrap();
     assert_eq!(degraded.status, "False");
     let class = Api::<AWSNodeClass>::all(cluster.client.clone())
-        .get("workers")
+        .get(&cluster.name("workers"))
         .await
         .unwrap()
         .status
         .unwrap();
-    assert_eq!(class.node_pools, vec!["workers"]);
+    assert_eq!(class.node_pools, vec![cluster.name("workers")]);
     assert_eq!(class.subnets[0].zone, "us-east-1a");
     cluster.invariants.assert_held().await;
 }
@@ -325,13 +324,18 @@ async fn lowering_pool_size_trims_standby_nodes() {
     assert_eq!(pool_instances(&cluster, "workers").len(), 1);
     assert_eq!(launched(&cluster), 3);
     let nodes = Api::<Node>::all(cluster.client.clone())
-        .list(&ListParams::default().labels("stratos.sh/pool=workers"))
+        .list(
+            &ListParams::default().labels(&format!("stratos.sh/pool={}", cluster.name("workers"))),
+        )
         .await
         .unwrap();
     cluster
         .wait_for("trimmed nodes deleted", Duration::from_secs(10), || async {
             let n = Api::<Node>::all(cluster.client.clone())
-                .list(&ListParams::default().labels("stratos.sh/pool=workers"))
+                .list(
+                    &ListParams::default()
+                        .labels(&format!("stratos.sh/pool={}", cluster.name("workers"))),
+                )
                 .await
                 .ok()?;
             (n.items.len() == 1).then_some(())
@@ -387,20 +391,20 @@ async fn deleting_the_pool_leaves_nothing_behind() {
     // The class is in use: deleting it waits for the pool.
     let classes: Api<AWSNodeClass> = Api::all(cluster.client.clone());
     classes
-        .delete("workers", &DeleteParams::default())
+        .delete(&cluster.name("workers"), &DeleteParams::default())
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let held = classes.get("workers").await.unwrap();
+    let held = classes.get(&cluster.name("workers")).await.unwrap();
     assert!(held.metadata.deletion_timestamp.is_some());
     assert_eq!(
         held.status.unwrap().node_pools,
-        vec!["workers"],
+        vec![cluster.name("workers")],
         "the status names the pools holding it"
     );
     let pools: Api<NodePool> = Api::all(cluster.client.clone());
     pools
-        .delete("workers", &DeleteParams::default())
+        .delete(&cluster.name("workers"), &DeleteParams::default())
         .await
         .unwrap();
     cluster
@@ -408,9 +412,16 @@ async fn deleting_the_pool_leaves_nothing_behind() {
             "the pool, its instances and nodes gone",
             Duration::from_secs(30),
             || async {
-                let gone = pools.get_opt("workers").await.ok()?.is_none();
+                let gone = pools
+                    .get_opt(&cluster.name("workers"))
+                    .await
+                    .ok()?
+                    .is_none();
                 let nodes = Api::<Node>::all(cluster.client.clone())
-                    .list(&ListParams::default().labels("stratos.sh/pool=workers"))
+                    .list(
+                        &ListParams::default()
+                            .labels(&format!("stratos.sh/pool={}", cluster.name("workers"))),
+                    )
                     .await
                     .ok()?;
                 (gone && pool_instances(&cluster, "workers").is_empty() && nodes.items.is_empty())
@@ -422,7 +433,7 @@ async fn deleting_the_pool_leaves_nothing_behind() {
     cluster
         .wait_for("the class deleted", Duration::from_secs(10), || async {
             classes
-                .get_opt("workers")
+                .get_opt(&cluster.name("workers"))
                 .await
                 .ok()?
                 .is_none()
@@ -466,7 +477,7 @@ async fn a_missing_node_class_degrades_the_pool_until_it_exists() {
         )
         .await;
     let class = Api::<AWSNodeClass>::all(cluster.client.clone())
-        .get("workers")
+        .get(&cluster.name("workers"))
         .await
         .unwrap();
     let ready = class
@@ -593,7 +604,7 @@ async fn cloud_errors_are_conditions_not_crash_loops() {
         .await;
     let _ = Api::<NodePool>::all(cluster.client.clone())
         .patch(
-            "workers",
+            &cluster.name("workers"),
             &PatchParams::default(),
             &Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}})),
         )
@@ -629,7 +640,8 @@ async fn images_to_pull_are_pulled_during_warmup() {
         images.contains(&"my-registry.com/llama-3:70b".to_owned()),
         "the model image is on disk: {images:?}"
     );
-    let pod = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(cluster.client.clone(), "default")
+    let pod = cluster
+        .pods()
         .get(&format!("stratos-prepull-{}", node.metadata.name.unwrap()))
         .await
         .unwrap();
@@ -668,10 +680,13 @@ async fn instances_of_vanished_pools_and_nodes_of_gone_instances_are_collected()
     wait_standby(&cluster, "workers", 3, 3).await;
     // An instance of this cluster whose pool no longer exists (its finalizer was forced off).
     let tags_of = |pool: &str| {
-        [(tags::CLUSTER, "e2e"), (tags::POOL, pool)]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect()
+        [
+            (tags::CLUSTER, cluster.cluster_name.as_str()),
+            (tags::POOL, pool),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
     };
     let orphan = cluster
         .cloud
@@ -698,8 +713,9 @@ async fn instances_of_vanished_pools_and_nodes_of_gone_instances_are_collected()
 
     // A pool node whose instance vanished from EC2 is deleted.
     let nodes: Api<Node> = Api::all(cluster.client.clone());
+    let ghost_name = format!("ip-10-99-0-1.{}", cluster.dns_domain());
     let ghost: Node = serde_json::from_value(json!({
-        "metadata": {"name": "ip-10-99-0-1.ec2.internal", "labels": {"stratos.sh/pool": "workers"}},
+        "metadata": {"name": ghost_name, "labels": {"stratos.sh/pool": cluster.name("workers")}},
         "spec": {"providerID": "aws:///us-east-1a/i-0000000000dead01"}
     }))
     .unwrap();
@@ -710,7 +726,7 @@ async fn instances_of_vanished_pools_and_nodes_of_gone_instances_are_collected()
             Duration::from_secs(30),
             || async {
                 nodes
-                    .get_opt("ip-10-99-0-1.ec2.internal")
+                    .get_opt(&ghost_name)
                     .await
                     .ok()?
                     .is_none()
@@ -766,7 +782,12 @@ async fn a_burst_starts_the_bin_packed_number_of_standby_nodes_in_one_call() {
     let count = |family: &str| -> f64 {
         metrics
             .lines()
-            .find(|l| l.starts_with(&format!("{family}_count{{pool=\"workers\"}}")))
+            .find(|l| {
+                l.starts_with(&format!(
+                    "{family}_count{{pool=\"{}\"}}",
+                    cluster.name("workers")
+                ))
+            })
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0)
@@ -793,7 +814,10 @@ async fn a_burst_starts_the_bin_packed_number_of_standby_nodes_in_one_call() {
         "every started node's start to Ready"
     );
     assert!(
-        metrics.contains("stratos_scale_up_nodes_total{pool=\"workers\",source=\"standby\"} 3"),
+        metrics.contains(&format!(
+            "stratos_scale_up_nodes_total{{pool=\"{}\",source=\"standby\"}} 3",
+            cluster.name("workers")
+        )),
         "{metrics}"
     );
     print_pools(&cluster);
@@ -825,8 +849,7 @@ async fn scale_to_zero_starts_one_node_and_returns_it_to_standby() {
     cluster
         .apply_yaml(&pod_yaml("web", "on-demand", "500m", ""))
         .await;
-    let pods: Api<k8s_openapi::api::core::v1::Pod> =
-        Api::default_namespaced(cluster.client.clone());
+    let pods = cluster.pods();
     let node = cluster
         .wait_for(
             "the pod running on a started node",
@@ -903,8 +926,7 @@ async fn a_pdb_blocked_drain_is_aborted_and_the_node_runs_again() {
     cluster
         .apply_yaml(&pod_yaml("web", "on-demand", "500m", ""))
         .await;
-    let pods: Api<k8s_openapi::api::core::v1::Pod> =
-        Api::default_namespaced(cluster.client.clone());
+    let pods = cluster.pods();
     let node = cluster
         .running_node_of("web", Duration::from_secs(30))
         .await;
@@ -987,7 +1009,7 @@ async fn a_pod_no_pool_can_serve_starts_nothing() {
         ))
         .await;
     let events: Api<k8s_openapi::api::events::v1::Event> =
-        Api::default_namespaced(cluster.client.clone());
+        Api::namespaced(cluster.client.clone(), &cluster.namespace);
     cluster
         .wait_for(
             "a NoMatchingPool event on the pod",
@@ -1133,8 +1155,7 @@ async fn a_ci_burst_of_40_jobs_starts_five_nodes_in_one_call_and_they_return_to_
     assert_eq!((last.nodes, last.pods), (5, 40));
 
     // The jobs finish; after the TTL every started node drains and stops back to standby.
-    let pods: Api<k8s_openapi::api::core::v1::Pod> =
-        Api::default_namespaced(cluster.client.clone());
+    let pods = cluster.pods();
     pods.delete_collection(&DeleteParams::default(), &ListParams::default())
         .await
         .unwrap();

@@ -42,6 +42,11 @@ pub struct FakeCloudConfig {
     pub capacity: Option<usize>,
     /// How long terminated instances stay visible in listings (EC2: about an hour).
     pub terminated_visible_for: Duration,
+    /// Instance ids count up from this number (`i-` and 17 hex digits): fakes that share
+    /// one real cluster use disjoint ranges, so their Nodes' providerIDs never collide.
+    pub id_base: u64,
+    /// Domain of the private DNS names (`ip-10-0-0-1.<domain>`), which name the Nodes.
+    pub dns_domain: String,
 }
 
 impl Default for FakeCloudConfig {
@@ -55,6 +60,8 @@ impl Default for FakeCloudConfig {
             self_stop_after_first_boot: None,
             capacity: None,
             terminated_visible_for: Duration::from_secs(60),
+            id_base: 0,
+            dns_domain: "ec2.internal".into(),
         }
     }
 }
@@ -150,9 +157,13 @@ pub struct FakeCloud {
 
 impl FakeCloud {
     pub fn new(config: FakeCloudConfig) -> Self {
+        let state = State {
+            next_id: config.id_base,
+            ..State::default()
+        };
         Self {
             config: Mutex::new(config),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
             epoch: (Instant::now(), SystemTime::now()),
             observer: Mutex::new(None),
         }
@@ -248,6 +259,7 @@ impl FakeCloud {
         tags: BTreeMap<String, String>,
         state: InstanceState,
     ) -> String {
+        let domain = self.config.lock().expect("config lock").dns_domain.clone();
         let mut st = self.lock();
         let id = Self::next_id(&mut st);
         let instance = Instance {
@@ -256,7 +268,7 @@ impl FakeCloud {
             instance_type: "m5.large".into(),
             zone: "us-east-1a".into(),
             subnet_id: "subnet-foreign".into(),
-            private_dns_name: Some(dns_name(&id)),
+            private_dns_name: Some(dns_name(&id, &domain)),
             private_ip: None,
             launch_time: Some(self.epoch.1),
             tags,
@@ -491,7 +503,7 @@ impl FakeCloud {
                 instance_type: request.spec.instance_type.clone(),
                 zone: zone.clone(),
                 subnet_id: subnet.to_owned(),
-                private_dns_name: Some(dns_name(&id)),
+                private_dns_name: Some(dns_name(&id, &cfg.dns_domain)),
                 private_ip: Some(private_ip(&id)),
                 launch_time: Some(self.system_time(now)),
                 tags: request.tags.clone(),
@@ -518,8 +530,8 @@ impl FakeCloud {
 }
 
 /// `ip-10-0-x-y.ec2.internal`, derived from the id so it is stable and unique.
-fn dns_name(id: &str) -> String {
-    format!("ip-{}.ec2.internal", private_ip(id).replace('.', "-"))
+fn dns_name(id: &str, domain: &str) -> String {
+    format!("ip-{}.{domain}", private_ip(id).replace('.', "-"))
 }
 
 fn private_ip(id: &str) -> String {

@@ -56,7 +56,11 @@ pub async fn collect(ctx: &Context, pools: &Store<NodePool>) {
     }
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     for node in ctx.stores.nodes.state() {
-        if !node.labels().contains_key(POOL_LABEL) {
+        let owned = node
+            .labels()
+            .get(POOL_LABEL)
+            .is_some_and(|p| ctx.config.manages_node_of(p, &pool_names));
+        if !owned {
             continue;
         }
         let Some((_, id)) = node

@@ -57,9 +57,28 @@ pub struct OperatorConfig {
     /// A node whose instance is missing from a listing is deleted only when it is older than
     /// this: it may have registered from an instance launched after the listing.
     pub node_gc_grace: Duration,
+    /// A label selector on NodePools and AWSNodeClasses: this operator manages only those
+    /// that match, and only the Nodes of its own pools. Lets several operators (shards, a
+    /// canary, or isolated end-to-end tests) share one cluster. `None`: every pool.
+    pub pool_selector: Option<String>,
 }
 
 impl OperatorConfig {
+    /// The watch of the kinds [`OperatorConfig::pool_selector`] scopes.
+    pub fn scoped_watch(&self) -> watcher::Config {
+        match &self.pool_selector {
+            Some(selector) => watcher::Config::default().labels(selector),
+            None => watcher::Config::default(),
+        }
+    }
+
+    /// Whether a node labelled with `pool` (`stratos.sh/pool`) is this operator's to manage,
+    /// given the pools it manages. Without a selector every pool-labelled node is; with one,
+    /// only the nodes of its own pools (another operator may own the rest).
+    pub fn manages_node_of(&self, pool: &str, own_pools: &[String]) -> bool {
+        self.pool_selector.is_none() || own_pools.iter().any(|p| p == pool)
+    }
+
     pub fn new(cluster: impl Into<String>) -> Self {
         Self {
             cluster: cluster.into(),
@@ -69,6 +88,7 @@ impl OperatorConfig {
             listing_ttl: Duration::from_secs(2),
             gc_interval: Duration::from_secs(30),
             node_gc_grace: Duration::from_secs(120),
+            pool_selector: None,
         }
     }
 }
@@ -176,6 +196,7 @@ fn trimmed_node(mut node: Node) -> Node {
 /// form such as [`CachedPod`]).
 fn shared_store<S, K>(
     client: &Client,
+    watch: watcher::Config,
     notify: Arc<Notify>,
     convert: fn(S) -> K,
 ) -> (Store<K>, BoxFuture<'static, ()>)
@@ -192,16 +213,13 @@ where
     use futures::TryStreamExt;
     use kube::runtime::watcher::Event;
     let (reader, writer) = reflector::store();
-    let events =
-        watcher(Api::<S>::all(client.clone()), watcher::Config::default()).map_ok(move |event| {
-            match event {
-                Event::Apply(o) => Event::Apply(convert(o)),
-                Event::Delete(o) => Event::Delete(convert(o)),
-                Event::Init => Event::Init,
-                Event::InitApply(o) => Event::InitApply(convert(o)),
-                Event::InitDone => Event::InitDone,
-            }
-        });
+    let events = watcher(Api::<S>::all(client.clone()), watch).map_ok(move |event| match event {
+        Event::Apply(o) => Event::Apply(convert(o)),
+        Event::Delete(o) => Event::Delete(convert(o)),
+        Event::Init => Event::Init,
+        Event::InitApply(o) => Event::InitApply(convert(o)),
+        Event::InitDone => Event::InitDone,
+    });
     let stream = reflector::reflector(writer, events)
         .default_backoff()
         .touched_objects();
@@ -226,17 +244,23 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let notify = Arc::new(Notify::new());
-    let (nodes, nodes_task) = shared_store(&client, notify.clone(), trimmed_node);
-    let (pods, pods_task) = shared_store::<Pod, _>(&client, notify.clone(), CachedPod::from);
+    let all = watcher::Config::default;
+    let (nodes, nodes_task) = shared_store(&client, all(), notify.clone(), trimmed_node);
+    let (pods, pods_task) = shared_store::<Pod, _>(&client, all(), notify.clone(), CachedPod::from);
     let (daemonsets, ds_task) =
-        shared_store::<DaemonSet, _>(&client, notify.clone(), drop_managed_fields);
-    let (classes, classes_task) =
-        shared_store::<AWSNodeClass, _>(&client, notify.clone(), drop_managed_fields);
+        shared_store::<DaemonSet, _>(&client, all(), notify.clone(), drop_managed_fields);
+    let (classes, classes_task) = shared_store::<AWSNodeClass, _>(
+        &client,
+        config.scoped_watch(),
+        notify.clone(),
+        drop_managed_fields,
+    );
     // Our own NodePool cache for GC and the class controller: the readiness of the pool
     // controller's internal store was never signalled in testing (kube-runtime 5.0).
     let pools_changed = Arc::new(Notify::new());
     let (pool_store, pools_task) = shared_store::<crate::api::NodePool, _>(
         &client,
+        config.scoped_watch(),
         pools_changed.clone(),
         drop_managed_fields,
     );

@@ -14,7 +14,6 @@ use kube::{
         controller::Action as Requeue,
         finalizer::{Event as FinalizerEvent, finalizer},
         reflector::Store,
-        watcher,
     },
 };
 use serde_json::json;
@@ -36,6 +35,7 @@ pub async fn controller(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let api: Api<AWSNodeClass> = Api::all(ctx.client.clone());
+    let watch = ctx.config.scoped_watch();
     let data = Arc::new((ctx, pools, std::sync::Mutex::new(HashMap::new())));
     // A pool that starts or stops using a class changes the class's status.
     let trigger = futures::stream::unfold(pools_changed, |n| async move {
@@ -43,7 +43,7 @@ pub async fn controller(
         tokio::time::sleep(Duration::from_millis(200)).await;
         Some(((), n))
     });
-    Controller::new(api, watcher::Config::default())
+    Controller::new(api, watch)
         .reconcile_all_on(trigger)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, data)

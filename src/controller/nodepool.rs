@@ -22,7 +22,6 @@ use kube::{
         controller::Action as Requeue,
         finalizer::{Event as FinalizerEvent, finalizer},
         reflector::ObjectRef,
-        watcher,
     },
 };
 use serde_json::json;
@@ -66,7 +65,7 @@ pub fn controller(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> PoolController {
     let api: Api<NodePool> = Api::all(ctx.client.clone());
-    let controller = Controller::new(api, watcher::Config::default()).with_config(
+    let controller = Controller::new(api, ctx.config.scoped_watch()).with_config(
         kube::runtime::controller::Config::default().debounce(Duration::from_millis(100)),
     );
     // Any change of a node, pod, DaemonSet or class may change what a pool needs.

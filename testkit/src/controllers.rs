@@ -1,12 +1,13 @@
 //! The controller-manager parts the tests need: a DaemonSet controller (one pod per eligible
-//! node, with the default DaemonSet tolerations) and pod garbage collection (pods bound to
-//! a node that no longer exists are deleted).
+//! node, with the default DaemonSet tolerations), the node lifecycle controller's taints
+//! (`not-ready`/`unreachable` by the Ready condition, `unschedulable` by the cordon), and
+//! pod garbage collection (pods bound to a node that no longer exists are deleted).
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
-    core::v1::{Node, Pod, Toleration},
+    core::v1::{Node, Pod, Taint, Toleration},
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -65,6 +66,7 @@ impl Controllers {
                 sets.wait_until_ready()
             );
             loop {
+                reconcile_node_taints(&client, &nodes).await;
                 reconcile_daemonsets(&client, &pods, &nodes, &sets).await;
                 collect_orphan_pods(&client, &pods, &nodes).await;
                 tokio::select! {
@@ -111,10 +113,11 @@ async fn reconcile_daemonsets(
                 spec: Some(spec),
                 status: None,
             };
-            // Eligibility ignores readiness and cordons (DaemonSet pods tolerate both).
+            // As the real controller: selectors, and every NoSchedule/NoExecute taint
+            // tolerated (the defaults cover cordons and NoExecute not-ready, but not a new
+            // node's not-ready:NoSchedule).
             let eligible = nodematch::selects_node(&pod, &node)
-                && nodematch::untolerated_taint(&pod, &node)
-                    .is_none_or(|t| t.key.starts_with("node.kubernetes.io/"));
+                && nodematch::untolerated_taint(&pod, &node).is_none();
             if !eligible {
                 continue;
             }
@@ -129,6 +132,92 @@ async fn reconcile_daemonsets(
             let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
             let _ = api.create(&PostParams::default(), &pod).await;
         }
+    }
+}
+
+/// The taints the node lifecycle controller keeps on a node, by its Ready condition and
+/// its cordon: (key, effect) pairs.
+pub fn lifecycle_taints(node: &Node) -> BTreeSet<(&'static str, &'static str)> {
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.status.as_str());
+    let mut taints = BTreeSet::new();
+    let key = match ready {
+        Some("True") => None,
+        Some("False") => Some(NOT_READY),
+        Some(_) => Some(UNREACHABLE),
+        // Not reported yet: admission's not-ready:NoSchedule stays.
+        None => {
+            taints.insert((NOT_READY, "NoSchedule"));
+            None
+        }
+    };
+    if let Some(key) = key {
+        taints.insert((key, "NoSchedule"));
+        taints.insert((key, "NoExecute"));
+    }
+    if node
+        .spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false)
+    {
+        taints.insert((UNSCHEDULABLE, "NoSchedule"));
+    }
+    taints
+}
+
+const NOT_READY: &str = "node.kubernetes.io/not-ready";
+const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
+const UNSCHEDULABLE: &str = "node.kubernetes.io/unschedulable";
+
+/// Puts the lifecycle taints on every node and takes off those that no longer apply. The
+/// write carries the node's resourceVersion: a concurrent writer wins and the next pass
+/// tries again, as with the real controller.
+async fn reconcile_node_taints(client: &Client, nodes: &Store<Node>) {
+    let api: Api<Node> = Api::all(client.clone());
+    for node in nodes.state() {
+        let want = lifecycle_taints(&node);
+        let taints = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.clone())
+            .unwrap_or_default();
+        let managed = |t: &Taint| [NOT_READY, UNREACHABLE, UNSCHEDULABLE].contains(&t.key.as_str());
+        let have: BTreeSet<(String, String)> = taints
+            .iter()
+            .filter(|t| managed(t))
+            .map(|t| (t.key.clone(), t.effect.clone()))
+            .collect();
+        let want_owned: BTreeSet<(String, String)> = want
+            .iter()
+            .map(|(k, e)| ((*k).to_owned(), (*e).to_owned()))
+            .collect();
+        if have == want_owned {
+            continue;
+        }
+        let mut next: Vec<Taint> = taints.into_iter().filter(|t| !managed(t)).collect();
+        let added = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now());
+        next.extend(want.iter().map(|(key, effect)| Taint {
+            key: (*key).into(),
+            effect: (*effect).into(),
+            time_added: (*effect == "NoExecute").then(|| added.clone()),
+            value: None,
+        }));
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": node.resource_version()},
+            "spec": {"taints": next},
+        });
+        let _ = api
+            .patch(
+                &node.name_any(),
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(patch),
+            )
+            .await;
     }
 }
 

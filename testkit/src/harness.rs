@@ -32,17 +32,30 @@ use crate::{
     controllers::Controllers,
     invariants::Invariants,
     kubelet::{KubeletOptions, KubeletSim},
-    scheduler::Scheduler,
+    scheduler::{Scheduler, SchedulerOptions},
 };
 
 /// Environment variable naming a real cluster's kubeconfig.
 pub const E2E_KUBECONFIG: &str = "STRATOS_E2E_KUBECONFIG";
+
+/// Label on every object a test creates (and on its pools' nodes): the test's id. The
+/// test's operator manages only pools with its own value (`--pool-selector`), and the
+/// test's pods and DaemonSets select only nodes carrying it, so tests sharing one real
+/// cluster never touch each other's objects.
+pub const TEST_LABEL: &str = "e2e.stratos.sh/test";
+
+/// Whether the tests run against a real cluster (`STRATOS_E2E_KUBECONFIG` is set).
+pub fn real_cluster() -> bool {
+    std::env::var_os(E2E_KUBECONFIG).is_some()
+}
 
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
     pub cluster_name: String,
     pub cloud: FakeCloudConfig,
     pub kubelet: KubeletOptions,
+    /// The embedded scheduler's pace (a real cluster's scheduler has its own).
+    pub scheduler: SchedulerOptions,
 }
 
 impl Default for ClusterOptions {
@@ -57,6 +70,7 @@ impl Default for ClusterOptions {
                 ..Default::default()
             },
             kubelet: KubeletOptions::default(),
+            scheduler: SchedulerOptions::default(),
         }
     }
 }
@@ -67,12 +81,18 @@ pub struct TestCluster {
     pub client: Client,
     config: kube::Config,
     pub cloud: Arc<FakeCloud>,
+    /// This test's cluster tag: `<ClusterOptions::cluster_name>-<id>`.
     pub cluster_name: String,
+    /// This test's id: a suffix of its pool and class names, the value of [`TEST_LABEL`],
+    /// part of its namespace and of its nodes' names.
+    pub id: String,
+    /// The namespace of this test's pods, DaemonSets, PDBs and pre-pull pods.
+    pub namespace: String,
     pub invariants: Invariants,
     kubeconfig: PathBuf,
     _scheduler: Option<Scheduler>,
     _controllers: Option<Controllers>,
-    _kubelet: KubeletSim,
+    kubelet: Option<KubeletSim>,
 }
 
 impl TestCluster {
@@ -105,7 +125,7 @@ impl TestCluster {
                     let server = ApiServer::start_with_repo_crds().await;
                     let client = server.client();
                     let path = server.kubeconfig_path();
-                    let scheduler = Scheduler::start(client.clone());
+                    let scheduler = Scheduler::start_with(client.clone(), options.scheduler);
                     let controllers = Controllers::start(client.clone());
                     let config = server.config();
                     (
@@ -118,8 +138,15 @@ impl TestCluster {
                     )
                 }
             };
+        // Unique per test and per run: names, ids and DNS names never meet another test's.
+        let id = format!("t{:06x}", fastrand::u32(..0x100_0000));
+        let cluster_name = format!("{}-{id}", options.cluster_name);
+        let namespace = format!("e2e-{id}");
+        create_namespace(&client, &namespace).await;
         let mut cloud_config = options.cloud.clone();
-        cloud_config.cluster = options.cluster_name.clone();
+        cloud_config.cluster = cluster_name.clone();
+        cloud_config.id_base = fastrand::u64(1..1 << 40) << 24;
+        cloud_config.dns_domain = format!("{id}.ec2.internal");
         let cloud = Arc::new(FakeCloud::new(cloud_config));
         // The network of the examples (examples/*.yaml), plus two more zones.
         cloud.add_subnet("subnet-12345678", "us-east-1a");
@@ -129,19 +156,118 @@ impl TestCluster {
         cloud.add_image("ami-0123456789abcdef0");
         let kubelet = KubeletSim::start(client.clone(), cloud.clone(), options.kubelet.clone());
         let probe = server.as_ref().map(|s| s.resource_version_probe());
-        let invariants =
-            Invariants::start(client.clone(), &cloud, &options.cluster_name, probe).await;
+        let invariants = Invariants::start(client.clone(), &cloud, &cluster_name, probe).await;
         TestCluster {
             server,
             client,
             config: kube_config,
             cloud,
-            cluster_name: options.cluster_name,
+            cluster_name,
+            id,
+            namespace,
             invariants,
             kubeconfig,
             _scheduler: scheduler,
             _controllers: controllers,
-            _kubelet: kubelet,
+            kubelet: Some(kubelet),
+        }
+    }
+
+    /// This test's name for a cluster-scoped object the test code calls `base` (a NodePool
+    /// or AWSNodeClass: `workers` → `workers-t1a2b3c`).
+    pub fn name(&self, base: &str) -> String {
+        format!("{base}-{}", self.id)
+    }
+
+    /// The DNS domain of this test's instances (and so the suffix of its Node names).
+    pub fn dns_domain(&self) -> String {
+        format!("{}.ec2.internal", self.id)
+    }
+
+    /// An Api for this test's pods.
+    pub fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Rewrites one document the way [`TestCluster::apply_yaml`] applies it: this test's
+    /// names, label, namespace, and node selection.
+    pub fn scoped(&self, mut value: Value) -> Value {
+        let kind = value["kind"].as_str().unwrap_or_default().to_owned();
+        let label = |v: &mut Value, path: &str| {
+            if let Some(obj) = ensure_object(v, path) {
+                obj.insert(TEST_LABEL.into(), Value::String(self.id.clone()));
+            }
+        };
+        label(&mut value, "/metadata/labels");
+        match kind.as_str() {
+            "NodePool" | "AWSNodeClass" => {
+                if let Some(name) = value["metadata"]["name"].as_str() {
+                    value["metadata"]["name"] = Value::String(self.name(name));
+                }
+                if kind == "NodePool" {
+                    if let Some(class) = value.pointer("/spec/template/nodeClassRef/name") {
+                        let class = self.name(class.as_str().unwrap_or_default());
+                        value["spec"]["template"]["nodeClassRef"]["name"] = Value::String(class);
+                    }
+                    label(&mut value, "/spec/template/labels");
+                    if let Some(pool) = value.pointer_mut(&format!(
+                        "/spec/template/labels/{}",
+                        tags::POOL.replace('/', "~1")
+                    )) && let Some(name) = pool.as_str()
+                    {
+                        *pool = Value::String(self.name(name));
+                    }
+                }
+            }
+            _ => {
+                value["metadata"]["namespace"] = Value::String(self.namespace.clone());
+                // Workload pods select this test's nodes. DaemonSets keep their reach: on a
+                // shared cluster they also run on other tests' nodes, harmlessly, while a
+                // node selector would race with the label reaching a warming node.
+                let spec = match kind.as_str() {
+                    "Pod" => Some("/spec"),
+                    "Deployment" | "StatefulSet" | "ReplicaSet" | "Job" => {
+                        Some("/spec/template/spec")
+                    }
+                    _ => None,
+                };
+                if let Some(spec) = spec
+                    && value.pointer(&format!("{spec}/nodeName")).is_none()
+                {
+                    self.scope_pod_spec(value.pointer_mut(spec).expect("pod spec"));
+                }
+            }
+        }
+        value
+    }
+
+    /// A pod spec selects only this test's nodes, and a pool by this test's name for it.
+    fn scope_pod_spec(&self, spec: &mut Value) {
+        let scoped_pool = |v: &mut Value| {
+            if let Some(pool) = v.as_str() {
+                *v = Value::String(self.name(pool));
+            }
+        };
+        if let Some(selector) = ensure_object(spec, "/nodeSelector") {
+            if let Some(pool) = selector.get_mut(tags::POOL) {
+                scoped_pool(pool);
+            }
+            selector.insert(TEST_LABEL.into(), Value::String(self.id.clone()));
+        }
+        let terms = spec.pointer_mut(
+            "/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms",
+        );
+        for term in terms.and_then(Value::as_array_mut).into_iter().flatten() {
+            let exprs = term
+                .get_mut("matchExpressions")
+                .and_then(Value::as_array_mut);
+            for expr in exprs.into_iter().flatten() {
+                if expr["key"] == tags::POOL
+                    && let Some(values) = expr.get_mut("values").and_then(Value::as_array_mut)
+                {
+                    values.iter_mut().for_each(scoped_pool);
+                }
+            }
         }
     }
 
@@ -162,6 +288,8 @@ impl TestCluster {
         config.listing_ttl = Duration::from_millis(300);
         config.gc_interval = Duration::from_secs(1);
         config.node_gc_grace = Duration::from_secs(5);
+        config.prepull_namespace = self.namespace.clone();
+        config.pool_selector = Some(format!("{TEST_LABEL}={}", self.id));
         let cloud: Arc<dyn CloudProvider> = self.cloud.clone();
         let metrics = Arc::new(PoolMetrics::detached());
         let task = tokio::spawn(stratos::controller::run(
@@ -189,15 +317,13 @@ impl TestCluster {
             if value.is_null() {
                 continue;
             }
+            let value = self.scoped(value);
             let kind = value["kind"].as_str().unwrap_or_default().to_owned();
             let name = value["metadata"]["name"]
                 .as_str()
                 .unwrap_or_default()
                 .to_owned();
-            let ns = value["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or("default")
-                .to_owned();
+            let ns = self.namespace.clone();
             let pp = PatchParams::apply("stratos-e2e").force();
             let result = match kind.as_str() {
                 "NodePool" => match Api::<NodePool>::all(self.client.clone())
@@ -242,9 +368,9 @@ impl TestCluster {
         }
     }
 
-    /// Waits until pod `default/name` runs; returns its node.
+    /// Waits until this test's pod `name` runs; returns its node.
     pub async fn running_node_of(&self, name: &str, timeout: Duration) -> String {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), "default");
+        let pods = self.pods();
         self.wait_for(&format!("pod {name} running"), timeout, || async {
             let p = pods.get(name).await.ok()?;
             (p.status.as_ref()?.phase.as_deref() == Some("Running"))
@@ -295,11 +421,9 @@ impl TestCluster {
 
     /// A readable picture of the cluster and the cloud, for failure messages.
     pub async fn dump(&self) -> String {
-        let mut out = String::from("--- cluster state ---\n");
-        if let Ok(pools) = Api::<NodePool>::all(self.client.clone())
-            .list(&ListParams::default())
-            .await
-        {
+        let mut out = format!("--- cluster state of test {} ---\n", self.id);
+        let own = ListParams::default().labels(&format!("{TEST_LABEL}={}", self.id));
+        if let Ok(pools) = Api::<NodePool>::all(self.client.clone()).list(&own).await {
             for p in pools {
                 let s = p.status.clone().unwrap_or_default();
                 let _ = writeln!(
@@ -321,7 +445,11 @@ impl TestCluster {
             .list(&ListParams::default())
             .await
         {
-            for n in nodes {
+            let domain = format!(".{}", self.dns_domain());
+            for n in nodes
+                .into_iter()
+                .filter(|n| n.name_any().ends_with(&domain))
+            {
                 let labels = n.labels();
                 let ready = n
                     .status
@@ -347,10 +475,7 @@ impl TestCluster {
                 );
             }
         }
-        if let Ok(pods) = Api::<Pod>::all(self.client.clone())
-            .list(&ListParams::default())
-            .await
-        {
+        if let Ok(pods) = self.pods().list(&ListParams::default()).await {
             for p in pods {
                 let phase = p
                     .status
@@ -401,6 +526,121 @@ impl TestCluster {
                 + &String::from_utf8_lossy(&out.stderr),
         )
     }
+}
+
+impl Drop for TestCluster {
+    /// On a real cluster, removes what the test created, pass or fail: its pools and
+    /// classes (finalizers dropped: its operator is gone), its Nodes and its namespace.
+    /// The embedded server goes with the test.
+    fn drop(&mut self) {
+        // No node may come back while its objects go.
+        self.kubelet.take();
+        if self.server.is_some() {
+            return;
+        }
+        let (config, id, namespace, domain) = (
+            self.config.clone(),
+            self.id.clone(),
+            self.namespace.clone(),
+            self.dns_domain(),
+        );
+        // A runtime of its own: this may run while the test's runtime unwinds a panic.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cleanup runtime");
+            runtime.block_on(async move {
+                let Ok(client) = Client::try_from(config) else {
+                    return;
+                };
+                remove_test_objects(&client, &id, &namespace, &domain).await;
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Deletes every object of test `id` from a real cluster.
+async fn remove_test_objects(client: &Client, id: &str, namespace: &str, domain: &str) {
+    let own = ListParams::default().labels(&format!("{TEST_LABEL}={id}"));
+    let no_finalizers = Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}}));
+    let pools: Api<NodePool> = Api::all(client.clone());
+    for pool in pools.list(&own).await.map(|l| l.items).unwrap_or_default() {
+        let name = pool.name_any();
+        let _ = pools.delete(&name, &Default::default()).await;
+        let _ = pools
+            .patch(&name, &PatchParams::default(), &no_finalizers)
+            .await;
+    }
+    let classes: Api<stratos::api::AWSNodeClass> = Api::all(client.clone());
+    for class in classes
+        .list(&own)
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+    {
+        let name = class.name_any();
+        let _ = classes.delete(&name, &Default::default()).await;
+        let _ = classes
+            .patch(&name, &PatchParams::default(), &no_finalizers)
+            .await;
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let now = kube::api::DeleteParams {
+        grace_period_seconds: Some(0),
+        ..Default::default()
+    };
+    let _ = pods.delete_collection(&now, &ListParams::default()).await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let suffix = format!(".{domain}");
+    for node in nodes
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+    {
+        let name = node.name_any();
+        if name.ends_with(&suffix) || node.labels().get(TEST_LABEL).map(String::as_str) == Some(id)
+        {
+            let _ = nodes.delete(&name, &Default::default()).await;
+        }
+    }
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let _ = namespaces.delete(namespace, &Default::default()).await;
+}
+
+/// Creates a namespace (if it does not exist yet).
+async fn create_namespace(client: &Client, name: &str) {
+    let ns: k8s_openapi::api::core::v1::Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("namespace");
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    match api.create(&Default::default(), &ns).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("create namespace {name}: {e}"),
+    }
+}
+
+/// The object at `path` (created empty if missing or null), when there is one to be had.
+fn ensure_object<'a>(
+    value: &'a mut Value,
+    path: &str,
+) -> Option<&'a mut serde_json::Map<String, Value>> {
+    let (parent, key) = path.rsplit_once('/')?;
+    let parent = if parent.is_empty() {
+        value
+    } else {
+        value.pointer_mut(parent)?
+    };
+    let parent = parent.as_object_mut()?;
+    let slot = parent
+        .entry(key.to_owned())
+        .or_insert_with(|| Value::Object(Default::default()));
+    if slot.is_null() {
+        *slot = Value::Object(Default::default());
+    }
+    slot.as_object_mut()
 }
 
 /// The in-process operator started by [`TestCluster::start_operator`].

@@ -203,6 +203,11 @@ impl Default for KubeletOptions {
 /// Annotation on a run-to-completion pod: how long it runs before succeeding.
 pub const RUN_FOR_ANNOTATION: &str = "testkit.stratos.sh/run-for";
 
+/// Annotation on a pod: how long its containers take to exit once it is deleted (a CI job
+/// finishing its step, a server draining connections), at most its grace period. Without
+/// it they exit at once. The pod stays Terminating meanwhile, as on a real node.
+pub const SHUTDOWN_AFTER_ANNOTATION: &str = "testkit.stratos.sh/shutdown-after";
+
 /// `--node-labels` and `--register-with-taints` from a bootstrap script.
 pub fn kubelet_flags(user_data: &str) -> (BTreeMap<String, String>, Vec<Value>) {
     let flag = |name: &str| -> Option<String> {
@@ -255,6 +260,8 @@ struct Boot {
     boots: u32,
     powered_off: bool,
     pods_started: HashMap<String, Instant>,
+    /// Pods being deleted: when the kubelet began their shutdown.
+    pods_stopping: HashMap<String, Instant>,
 }
 
 pub struct KubeletSim {
@@ -301,6 +308,7 @@ impl KubeletSim {
             pods.wait_until_ready().await.ok();
             nodes.wait_until_ready().await.ok();
             let mut boots: HashMap<String, Boot> = HashMap::new();
+            let mut known: BTreeSet<String> = BTreeSet::new();
             let mut last_lease = Instant::now() - Duration::from_secs(60);
             loop {
                 let renew = last_lease.elapsed() >= Duration::from_secs(10);
@@ -313,6 +321,7 @@ impl KubeletSim {
                     &nodes,
                     &pods,
                     &mut boots,
+                    &mut known,
                     &options,
                     renew,
                 )
@@ -347,6 +356,7 @@ async fn sim_round(
     node_store: &Store<Node>,
     pods: &Store<Pod>,
     boots: &mut HashMap<String, Boot>,
+    known: &mut BTreeSet<String>,
     options: &KubeletOptions,
     renew_leases: bool,
 ) {
@@ -364,6 +374,7 @@ async fn sim_round(
         }
     }
     let instances = source.instances().await;
+    known.extend(instances.iter().map(|i| i.id.clone()));
     let live: BTreeSet<String> = instances
         .iter()
         .filter(|i| i.state != InstanceState::Terminated)
@@ -440,6 +451,7 @@ async fn sim_round(
             InstanceState::Stopping | InstanceState::Stopped | InstanceState::ShuttingDown => {
                 boot.running_since = None;
                 boot.pods_started.clear();
+                boot.pods_stopping.clear();
                 if let Some(node) = node
                     && node_condition(node, "Ready") != Some("Unknown")
                 {
@@ -459,13 +471,15 @@ async fn sim_round(
             }
         }
     }
-    // Nodes whose instance vanished from the cloud entirely.
+    // Nodes whose instance vanished from the cloud entirely; only this simulator's own
+    // (other simulators may play other nodes of a shared cluster).
     for (name, node) in &nodes {
         let ours = node
             .spec
             .as_ref()
             .and_then(|s| s.provider_id.as_deref())
-            .is_some_and(|p| p.starts_with("aws://"));
+            .and_then(stratos::cloud::parse_provider_id)
+            .is_some_and(|(_, id)| known.contains(id));
         if ours && !live.contains(name) && !instances.iter().any(|i| &i.private_dns_name == name) {
             let _ = nodes_api.delete(name, &DeleteParams::default()).await;
         }
@@ -584,6 +598,23 @@ async fn run_pods(
         let api: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
         let pod_name = pod.name_any();
         if pod.metadata.deletion_timestamp.is_some() {
+            // The containers get SIGTERM and take their shutdown time, cut off at the
+            // grace period; only then is the pod object gone.
+            let uid = pod.uid().unwrap_or_default();
+            let since = *boot.pods_stopping.entry(uid).or_insert_with(Instant::now);
+            let grace = pod
+                .metadata
+                .deletion_grace_period_seconds
+                .map_or(Duration::MAX, |s| Duration::from_secs(s.max(0) as u64));
+            let shutdown = pod
+                .annotations()
+                .get(SHUTDOWN_AFTER_ANNOTATION)
+                .and_then(|d| d.parse::<stratos::api::Duration>().ok())
+                .map(|d| d.as_std())
+                .unwrap_or_default();
+            if since.elapsed() < shutdown.min(grace) {
+                continue;
+            }
             let _ = api
                 .delete(
                     &pod_name,

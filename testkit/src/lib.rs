@@ -9,6 +9,7 @@ pub mod controllers;
 pub mod ec2_faults;
 pub mod harness;
 mod http;
+pub mod interpod;
 pub mod invariants;
 pub mod kubelet;
 pub mod moto;

@@ -59,11 +59,25 @@ pub fn pod_requests(pod: &Pod) -> Resources {
     for c in &spec.containers {
         add(&mut sum, &requests(c));
     }
+    // Restartable (sidecar) init containers run alongside everything started after them.
+    let (mut sidecars, mut init_peak) = (Resources::new(), Resources::new());
     for c in spec.init_containers.iter().flatten() {
-        for (k, v) in requests(c) {
-            let e = sum.entry(k).or_default();
+        let mut during = requests(c);
+        if c.restart_policy.as_deref() == Some("Always") {
+            add(&mut sum, &during);
+            add(&mut sidecars, &during);
+            during = sidecars.clone();
+        } else {
+            add(&mut during, &sidecars);
+        }
+        for (k, v) in during {
+            let e = init_peak.entry(k).or_default();
             *e = e.max(v);
         }
+    }
+    for (k, v) in init_peak {
+        let e = sum.entry(k).or_default();
+        *e = e.max(v);
     }
     if let Some(overhead) = &spec.overhead {
         add(
@@ -172,8 +186,10 @@ pub fn is_ready(node: &Node) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// The first NoSchedule/NoExecute taint the pod does not tolerate, including the taints
-/// the node lifecycle controller would add for NotReady and cordoned nodes.
+/// The first NoSchedule/NoExecute taint the pod does not tolerate. The node lifecycle
+/// taints (`not-ready`, `unreachable`) are on the Node itself (admission and the node
+/// lifecycle controller put them there); a cordon counts as the `unschedulable` taint, as
+/// kube-scheduler's NodeUnschedulable filter reads `spec.unschedulable` directly.
 pub fn untolerated_taint(pod: &Pod, node: &Node) -> Option<Taint> {
     let tolerations = pod
         .spec
@@ -185,24 +201,20 @@ pub fn untolerated_taint(pod: &Pod, node: &Node) -> Option<Taint> {
         .as_ref()
         .and_then(|s| s.taints.clone())
         .unwrap_or_default();
-    if !is_ready(node) {
-        taints.push(Taint {
-            key: "node.kubernetes.io/not-ready".into(),
-            effect: "NoSchedule".into(),
-            ..Default::default()
-        });
-    }
     if node
         .spec
         .as_ref()
         .and_then(|s| s.unschedulable)
         .unwrap_or(false)
     {
-        taints.push(Taint {
-            key: "node.kubernetes.io/unschedulable".into(),
-            effect: "NoSchedule".into(),
-            ..Default::default()
-        });
+        taints.insert(
+            0,
+            Taint {
+                key: "node.kubernetes.io/unschedulable".into(),
+                effect: "NoSchedule".into(),
+                ..Default::default()
+            },
+        );
     }
     taints
         .into_iter()
@@ -217,6 +229,12 @@ pub enum Misfit {
     Taint(String),
     Unschedulable,
     Insufficient(String),
+    HostPorts,
+    Spread,
+    SpreadMissingLabel,
+    Affinity,
+    AntiAffinity,
+    ExistingAntiAffinity,
 }
 
 impl Misfit {
@@ -226,15 +244,31 @@ impl Misfit {
             Self::Taint(t) => format!("node(s) had untolerated taint {{{t}}}"),
             Self::Unschedulable => "node(s) were unschedulable".into(),
             Self::Insufficient(r) => format!("Insufficient {r}"),
+            Self::HostPorts => "node(s) didn't have free ports for the requested pod ports".into(),
+            Self::Spread => "node(s) didn't match pod topology spread constraints".into(),
+            Self::SpreadMissingLabel => {
+                "node(s) didn't match pod topology spread constraints (missing required label)"
+                    .into()
+            }
+            Self::Affinity => "node(s) didn't match pod affinity rules".into(),
+            Self::AntiAffinity => "node(s) didn't match pod anti-affinity rules".into(),
+            Self::ExistingAntiAffinity => {
+                "node(s) didn't satisfy existing pods anti-affinity rules".into()
+            }
         }
     }
 }
 
-/// Whether `pod` fits `node` given what is already requested there.
+/// Whether `pod` fits `node` given what is already requested there, by the filters that
+/// look at the node alone, in kube-scheduler's order (NodeUnschedulable, TaintToleration,
+/// NodeAffinity, NodeResourcesFit): the first that fails names the reason.
 pub fn fits(pod: &Pod, node: &Node, used: &Resources) -> Result<(), Misfit> {
-    if !selects_node(pod, node) {
-        return Err(Misfit::Selector);
-    }
+    admits(pod, node)?;
+    resources_fit(pod, node, used)
+}
+
+/// NodeUnschedulable, TaintToleration and NodeAffinity.
+pub fn admits(pod: &Pod, node: &Node) -> Result<(), Misfit> {
     if let Some(t) = untolerated_taint(pod, node) {
         if t.key == "node.kubernetes.io/unschedulable" {
             return Err(Misfit::Unschedulable);
@@ -245,6 +279,15 @@ pub fn fits(pod: &Pod, node: &Node, used: &Resources) -> Result<(), Misfit> {
             t.value.unwrap_or_default()
         )));
     }
+    if !selects_node(pod, node) {
+        return Err(Misfit::Selector);
+    }
+    Ok(())
+}
+
+/// NodeResourcesFit: every requested resource (extended ones included) within what is
+/// allocatable after `used`.
+pub fn resources_fit(pod: &Pod, node: &Node, used: &Resources) -> Result<(), Misfit> {
     let capacity = allocatable(node);
     for (resource, amount) in pod_requests(pod) {
         if amount <= 0.0 {
@@ -323,6 +366,15 @@ mod tests {
         }));
         let r = pod_requests(&p);
         assert!((r["cpu"] - 2.1).abs() < 1e-9);
+        // A sidecar adds to the app containers and runs during later init containers.
+        let with_sidecar = pod(json!({
+            "initContainers": [
+                {"name": "proxy", "image": "p", "restartPolicy": "Always", "resources": {"requests": {"cpu": "300m"}}},
+                {"name": "migrate", "image": "m", "resources": {"requests": {"cpu": "1"}}}
+            ],
+            "containers": [{"name": "a", "image": "a", "resources": {"requests": {"cpu": "500m"}}}]
+        }));
+        assert!((pod_requests(&with_sidecar)["cpu"] - 1.3).abs() < 1e-9);
         assert_eq!(r["memory"], 1024f64.powi(3));
         assert_eq!(r["pods"], 1.0);
     }
@@ -375,7 +427,12 @@ mod tests {
             fits(&tolerant, &n, &used),
             Err(Misfit::Insufficient("cpu".into()))
         );
-        let not_ready = node(json!({}), json!([]), false, "2");
+        let not_ready = node(
+            json!({}),
+            json!([{"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}]),
+            false,
+            "2",
+        );
         assert!(
             matches!(fits(&pod(json!({})), &not_ready, &none), Err(Misfit::Taint(t)) if t.starts_with("node.kubernetes.io/not-ready"))
         );

@@ -14,7 +14,10 @@ use kube::{
 use serde_json::json;
 use tokio::{sync::Notify, task::JoinHandle};
 
-use crate::nodematch::{self, Resources};
+use crate::{
+    interpod::{self, Placed, PodConstraints},
+    nodematch::{self, Resources},
+};
 
 pub struct Scheduler {
     tasks: Vec<JoinHandle<()>>,
@@ -42,8 +45,71 @@ fn node_name(pod: &Pod) -> Option<&str> {
         .filter(|n| !n.is_empty())
 }
 
+/// How fast the scheduler may write. kube-scheduler's client is rate limited
+/// (`--kube-api-qps`, `--kube-api-burst`), so a large burst of pods is bound or marked
+/// Unschedulable over seconds; an unlimited scheduler marks it all at once.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SchedulerOptions {
+    /// Writes (bindings and status updates) per second; `None`: unlimited.
+    pub api_qps: Option<f64>,
+    /// Writes that may go at once before the rate applies.
+    pub api_burst: u32,
+}
+
+impl SchedulerOptions {
+    /// kube-scheduler's defaults: 50 writes a second, bursts of 100.
+    pub fn kube_scheduler_pace() -> Self {
+        Self {
+            api_qps: Some(50.0),
+            api_burst: 100,
+        }
+    }
+}
+
+/// A token bucket shared by the scheduler's writes.
+struct Pacer {
+    options: SchedulerOptions,
+    state: tokio::sync::Mutex<(f64, tokio::time::Instant)>,
+}
+
+impl Pacer {
+    fn new(options: SchedulerOptions) -> Self {
+        Self {
+            options,
+            state: tokio::sync::Mutex::new((
+                f64::from(options.api_burst.max(1)),
+                tokio::time::Instant::now(),
+            )),
+        }
+    }
+
+    async fn take(&self) {
+        let Some(qps) = self.options.api_qps.filter(|q| *q > 0.0) else {
+            return;
+        };
+        let burst = f64::from(self.options.api_burst.max(1));
+        let mut state = self.state.lock().await;
+        let (tokens, at) = &mut *state;
+        let now = tokio::time::Instant::now();
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * qps).min(burst);
+        *at = now;
+        if *tokens < 1.0 {
+            let wait = Duration::from_secs_f64((1.0 - *tokens) / qps);
+            tokio::time::sleep(wait).await;
+            *tokens = 1.0;
+            *at = tokio::time::Instant::now();
+        }
+        *tokens -= 1.0;
+    }
+}
+
 impl Scheduler {
     pub fn start(client: Client) -> Scheduler {
+        Self::start_with(client, SchedulerOptions::default())
+    }
+
+    pub fn start_with(client: Client, options: SchedulerOptions) -> Scheduler {
+        let pacer = Arc::new(Pacer::new(options));
         let notify = Arc::new(Notify::new());
         let (pods, pod_task) =
             crate::reflect::spawn_store(Api::<Pod>::all(client.clone()), Some(notify.clone()));
@@ -66,7 +132,16 @@ impl Scheduler {
                     last_nodes = fingerprint;
                     last_full = std::time::Instant::now();
                 }
-                schedule_round(&client, &pods, &nodes, &mut reported, &mut assumed, recheck).await;
+                schedule_round(
+                    &client,
+                    &pods,
+                    &nodes,
+                    &mut reported,
+                    &mut assumed,
+                    recheck,
+                    &pacer,
+                )
+                .await;
                 tokio::select! {
                     _ = notify.notified() => tokio::time::sleep(Duration::from_millis(10)).await,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -97,6 +172,7 @@ fn nodes_fingerprint(nodes: &Store<Node>) -> u64 {
 /// requests count on the node until the cache shows the pod bound.
 struct Assumed {
     node: String,
+    pod: Arc<Pod>,
     requests: Resources,
     at: std::time::Instant,
 }
@@ -108,8 +184,12 @@ async fn schedule_round(
     reported: &mut BTreeMap<String, String>,
     assumed: &mut BTreeMap<String, Assumed>,
     recheck: bool,
+    pacer: &Pacer,
 ) {
     let nodes = nodes.state();
+    let node_refs: Vec<&Node> = nodes.iter().map(|n| &**n).collect();
+    let by_name: BTreeMap<String, Arc<Node>> =
+        nodes.iter().map(|n| (n.name_any(), n.clone())).collect();
     let all_pods = pods.state();
     let mut used: BTreeMap<String, Resources> = BTreeMap::new();
     for pod in all_pods.iter().filter(|p| !is_terminal(p)) {
@@ -141,6 +221,18 @@ async fn schedule_round(
             *entry.entry(k.clone()).or_default() += v;
         }
     }
+    // Pods on nodes, for the filters that look at other pods: bound, assumed, and bound
+    // earlier in this round.
+    let mut placed: Vec<(Arc<Pod>, Arc<Node>)> = all_pods
+        .iter()
+        .filter(|p| !is_terminal(p))
+        .filter_map(|p| Some((p.clone(), by_name.get(node_name(p)?)?.clone())))
+        .chain(
+            assumed
+                .values()
+                .filter_map(|a| Some((a.pod.clone(), by_name.get(&a.node)?.clone()))),
+        )
+        .collect();
     let mut pending: Vec<&Arc<Pod>> = all_pods
         .iter()
         .filter(|p| {
@@ -176,10 +268,24 @@ async fn schedule_round(
         }
         let mut misfits = Vec::new();
         let mut best: Option<(f64, String)> = None;
+        // Only what can matter to this pod: every placed pod when it has inter-pod
+        // constraints of its own, else those whose anti-affinity or host ports may.
+        let own = interpod::has_own_constraints(pod);
+        let relevant: Vec<Placed<'_>> = placed
+            .iter()
+            .filter(|(p, _)| own || interpod::constrains_others(p))
+            .map(|(pod, node)| Placed { pod, node })
+            .collect();
+        let constraints = PodConstraints::for_pod(pod, &relevant, &node_refs);
         for node in nodes.iter() {
             let name = node.name_any();
             let node_used = used.get(&name).cloned().unwrap_or_default();
-            match nodematch::fits(pod, node, &node_used) {
+            // kube-scheduler's filter order: the first that fails names the reason.
+            let verdict = nodematch::admits(pod, node)
+                .and_then(|()| constraints.ports_fit(node))
+                .and_then(|()| nodematch::resources_fit(pod, node, &node_used))
+                .and_then(|()| constraints.placement_fits(node));
+            match verdict {
                 Ok(()) => {
                     // LeastAllocated on CPU, ties broken by name.
                     let cpu = nodematch::allocatable(node)
@@ -202,6 +308,7 @@ async fn schedule_round(
         match best {
             Some((_, node)) => {
                 let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod.name_any()}, "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
+                pacer.take().await;
                 let bound = api
                     .create_subresource::<serde_json::Value, serde_json::Value>(
                         "binding",
@@ -216,10 +323,14 @@ async fn schedule_round(
                     for (k, v) in &requests {
                         *entry.entry(k.clone()).or_default() += v;
                     }
+                    if let Some(n) = by_name.get(&node) {
+                        placed.push((pod.clone(), n.clone()));
+                    }
                     assumed.insert(
                         key.clone(),
                         Assumed {
                             node,
+                            pod: pod.clone(),
                             requests,
                             at: std::time::Instant::now(),
                         },
@@ -239,6 +350,7 @@ async fn schedule_round(
     // Like kube-scheduler, status updates go out concurrently, after the decisions.
     let updates = futures::stream::iter(unschedulable)
         .map(|(api, name, key, message)| async move {
+            pacer.take().await;
             let patch = json!({"status": {"conditions": [{
                 "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                 "message": message, "lastProbeTime": null,

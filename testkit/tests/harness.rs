@@ -11,7 +11,7 @@ use testkit::harness::{ClusterOptions, TestCluster};
 
 const QUICKSTART: &str = include_str!("../../examples/quickstart.yaml");
 
-fn launch(pool: &str, count: usize, token: &str) -> LaunchRequest {
+fn launch(cluster: &TestCluster, pool: &str, count: usize, token: &str) -> LaunchRequest {
     LaunchRequest {
         spec: LaunchSpec {
             instance_type: "m5.large".into(),
@@ -27,8 +27,8 @@ fn launch(pool: &str, count: usize, token: &str) -> LaunchRequest {
         },
         count,
         tags: BTreeMap::from([
-            (tags::CLUSTER.to_owned(), "e2e".to_owned()),
-            (tags::POOL.to_owned(), pool.to_owned()),
+            (tags::CLUSTER.to_owned(), cluster.cluster_name.clone()),
+            (tags::POOL.to_owned(), cluster.name(pool)),
         ]),
         client_token: token.into(),
         existing_per_subnet: BTreeMap::new(),
@@ -64,12 +64,15 @@ async fn ready_node_of(cluster: &TestCluster, instance: &str) -> String {
 async fn a_clean_run_holds_the_invariants() {
     let cluster = TestCluster::start(ClusterOptions::default()).await;
     cluster.apply_yaml(QUICKSTART).await;
-    let out = cluster.cloud.launch(&launch("workers", 3, "clean")).await;
+    let out = cluster
+        .cloud
+        .launch(&launch(&cluster, "workers", 3, "clean"))
+        .await;
     assert_eq!(out.instances.len(), 3);
     let id = out.instances[0].id.clone();
     let node = ready_node_of(&cluster, &id).await;
     // An evicted (being deleted) pod does not block a stop; a finished pod neither.
-    let pods: Api<Pod> = Api::default_namespaced(cluster.client.clone());
+    let pods: Api<Pod> = cluster.pods();
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "done"},
         "spec": {"nodeName": node, "restartPolicy": "Never", "containers": [{"name": "c", "image": "job:1"}]}
@@ -104,8 +107,14 @@ async fn each_violation_is_caught() {
     cluster.apply_yaml(QUICKSTART).await;
 
     // I1: the quickstart pool holds at most 10.
-    cluster.cloud.launch(&launch("workers", 8, "a")).await;
-    cluster.cloud.launch(&launch("workers", 3, "b")).await;
+    cluster
+        .cloud
+        .launch(&launch(&cluster, "workers", 8, "a"))
+        .await;
+    cluster
+        .cloud
+        .launch(&launch(&cluster, "workers", 3, "b"))
+        .await;
     // I2: an instance of another cluster.
     let foreign = cluster.cloud.insert_foreign_instance(
         BTreeMap::from([(tags::CLUSTER.to_owned(), "someone-else".to_owned())]),
@@ -122,11 +131,11 @@ async fn each_violation_is_caught() {
         .await
         .unwrap()
         .into_iter()
-        .find(|i| i.tag(tags::POOL) == Some("workers"))
+        .find(|i| i.tag(tags::POOL) == Some(cluster.name("workers").as_str()))
         .unwrap()
         .id;
     let node = ready_node_of(&cluster, &id).await;
-    let pods: Api<Pod> = Api::default_namespaced(cluster.client.clone());
+    let pods: Api<Pod> = cluster.pods();
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "busy"},
         "spec": {"nodeName": node, "containers": [{"name": "c", "image": "server:1"}]}
@@ -152,7 +161,10 @@ async fn each_violation_is_caught() {
     let violations = cluster.invariants.violations();
     let has = |prefix: &str| violations.iter().any(|v| v.starts_with(prefix));
     assert!(
-        has("I1: launch of 3 into pool workers holding 8 exceeds poolSize 10"),
+        has(&format!(
+            "I1: launch of 3 into pool {} holding 8 exceeds poolSize 10",
+            cluster.name("workers")
+        )),
         "{violations:#?}"
     );
     assert!(
@@ -161,7 +173,8 @@ async fn each_violation_is_caught() {
     );
     assert!(
         has(&format!(
-            "I3: stopping {id} while its node {node} runs default/busy"
+            "I3: stopping {id} while its node {node} runs {}/busy",
+            cluster.namespace
         )),
         "{violations:#?}"
     );

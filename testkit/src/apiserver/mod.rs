@@ -853,7 +853,8 @@ fn bind(shared: &Shared, route: &Route, body: &[u8]) -> Handled {
     .map_err(ApiError::bad_request)?;
     // Binding is the one write that changes both spec.nodeName and status: the status write
     // starts from the object the first write produced, so the pair is consistent.
-    let (after, change) = store.update(&route.def, &ns, name, new.clone(), Target::Main, false)?;
+    let (after, change) =
+        store.update(&route.def, &ns, name, new.clone(), Target::Binding, false)?;
     shared.publish(change);
     let mut with_status = after;
     with_status["status"] = new["status"].clone();

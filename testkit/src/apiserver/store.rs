@@ -13,6 +13,66 @@ use super::{
     resources::ResourceDef,
 };
 
+const NOT_READY_TAINT: &str = "node.kubernetes.io/not-ready";
+
+/// kube-apiserver's answer to a pod update that changes more than it may.
+const POD_UPDATE_FORBIDDEN: &str = "spec: Forbidden: pod updates may not change fields other than `spec.containers[*].image`,`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,`spec.tolerations` (only additions to existing tolerations),`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)";
+
+/// Pod spec immutability (ValidatePodUpdate): whether `new` changes only what may change.
+fn pod_spec_update_allowed(old: &Value, new: &Value) -> bool {
+    let (Some(old), Some(new)) = (old.get("spec"), new.get("spec")) else {
+        return old.get("spec") == new.get("spec");
+    };
+    // Carry the mutable fields over from the new spec, then nothing else may differ.
+    let mut old_masked = old.clone();
+    for list in ["containers", "initContainers"] {
+        let (Some(o), Some(n)) = (
+            old_masked.get_mut(list).and_then(Value::as_array_mut),
+            new.get(list).and_then(Value::as_array),
+        ) else {
+            continue;
+        };
+        if o.len() == n.len() {
+            for (o, n) in o.iter_mut().zip(n) {
+                if let (Some(o), Some(image)) = (o.as_object_mut(), n.get("image")) {
+                    o.insert("image".into(), image.clone());
+                }
+            }
+        }
+    }
+    let Some(masked) = old_masked.as_object_mut() else {
+        return false;
+    };
+    match new.get("activeDeadlineSeconds") {
+        Some(v) => masked.insert("activeDeadlineSeconds".into(), v.clone()),
+        None => masked.remove("activeDeadlineSeconds"),
+    };
+    // Tolerations may only be added to.
+    let old_tolerations = old.get("tolerations").and_then(Value::as_array);
+    let new_tolerations = new.get("tolerations").and_then(Value::as_array);
+    let only_added = old_tolerations
+        .into_iter()
+        .flatten()
+        .all(|t| new_tolerations.is_some_and(|n| n.contains(t)));
+    if only_added && let Some(n) = new.get("tolerations") {
+        masked.insert("tolerations".into(), n.clone());
+    }
+    // Scheduling gates may only be removed.
+    let old_gates = old.get("schedulingGates").and_then(Value::as_array);
+    let new_gates = new.get("schedulingGates").and_then(Value::as_array);
+    let only_removed = new_gates
+        .into_iter()
+        .flatten()
+        .all(|g| old_gates.is_some_and(|o| o.contains(g)));
+    if only_removed {
+        match new.get("schedulingGates") {
+            Some(v) => masked.insert("schedulingGates".into(), v.clone()),
+            None => masked.remove("schedulingGates"),
+        };
+    }
+    &old_masked == new
+}
+
 /// An API error, rendered as a `metav1.Status`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
@@ -205,6 +265,8 @@ fn same_content(a: &Value, b: &Value) -> bool {
 pub enum Target {
     Main,
     Status,
+    /// The pod binding subresource: the one write that may set `spec.nodeName`.
+    Binding,
 }
 
 impl Store {
@@ -316,7 +378,7 @@ impl Store {
         }
     }
 
-    /// Built-in defaulting the tests rely on (a tiny part of what kube-apiserver does).
+    /// Built-in defaulting and admission the tests rely on (a tiny part of what kube-apiserver does).
     fn prepare_create(def: &ResourceDef, obj: &mut Value) {
         if def.group.is_empty() && def.kind == "Pod" {
             let spec = obj.get_mut("spec").and_then(Value::as_object_mut);
@@ -361,6 +423,26 @@ impl Store {
                 }
             }
             obj["status"] = json!({"phase": "Pending"});
+        } else if def.group.is_empty() && def.kind == "Node" {
+            // TaintNodesByCondition admission: a new Node is not ready until the node
+            // lifecycle controller sees it Ready.
+            let spec = obj
+                .as_object_mut()
+                .map(|o| o.entry("spec").or_insert_with(|| json!({})));
+            if let Some(spec) = spec.and_then(Value::as_object_mut) {
+                let taints = spec.entry("taints").or_insert_with(|| json!([]));
+                if taints.is_null() {
+                    *taints = json!([]);
+                }
+                if let Some(list) = taints.as_array_mut()
+                    && !list.iter().any(|t| {
+                        t.get("key").and_then(Value::as_str) == Some(NOT_READY_TAINT)
+                            && t.get("effect").and_then(Value::as_str) == Some("NoSchedule")
+                    })
+                {
+                    list.push(json!({"key": NOT_READY_TAINT, "effect": "NoSchedule"}));
+                }
+            }
         } else if def.status_subresource && def.schema.is_some() {
             // Custom resources with a status subresource ignore status on create.
             if let Some(map) = obj.as_object_mut() {
@@ -527,7 +609,7 @@ impl Store {
                 }
                 new
             }
-            Target::Main => {
+            Target::Main | Target::Binding => {
                 let mut new = body;
                 if !new.is_object() {
                     return Err(ApiError::bad_request("the body must be a JSON object"));
@@ -573,6 +655,19 @@ impl Store {
                 new
             }
         };
+        if target == Target::Main
+            && def.group.is_empty()
+            && def.kind == "Pod"
+            && !pod_spec_update_allowed(&existing, &new)
+        {
+            let mut e = ApiError::invalid(
+                def,
+                name,
+                vec![("spec".into(), POD_UPDATE_FORBIDDEN.into())],
+            );
+            e.message = format!("Pod \"{name}\" is invalid: {POD_UPDATE_FORBIDDEN}");
+            return Err(e);
+        }
         if spec_part(&new) != spec_part(&existing) {
             let generation = meta(&existing, "generation")
                 .and_then(Value::as_i64)
@@ -729,7 +824,7 @@ impl Store {
         }
         let key = key_of(def, ns, name);
         let sub = match target {
-            Target::Main => "",
+            Target::Main | Target::Binding => "",
             Target::Status => "status",
         };
         // Only the fields this endpoint may change are part of the applied configuration.
@@ -737,7 +832,7 @@ impl Store {
             Target::Status => {
                 json!({"status": applied.get("status").cloned().unwrap_or(json!({}))})
             }
-            Target::Main => {
+            Target::Main | Target::Binding => {
                 let mut a = applied.clone();
                 if def.status_subresource
                     && let Some(m) = a.as_object_mut()
@@ -802,7 +897,7 @@ impl Store {
         patch::apply_merge(&mut base, &applied, "", lists);
         let result = match (&existing, target) {
             (None, Target::Status) => return Err(ApiError::not_found(def, name)),
-            (None, Target::Main) => {
+            (None, Target::Main | Target::Binding) => {
                 let (obj, change) = self.create(def, ns, base)?;
                 (obj, Some(change))
             }
