@@ -321,17 +321,7 @@ impl PodConstraints {
             }
         }
         let has = |key: &str| node_labels.get(key).map(|v| (key.to_owned(), v.clone()));
-        if node_labels
-            .iter()
-            .any(|(k, v)| self.existing_anti.contains(&(k.clone(), v.clone())))
-        {
-            return Err(Misfit::ExistingAntiAffinity);
-        }
-        for t in &self.anti_affinity {
-            if has(&t.topology_key).is_some_and(|pair| self.anti_counts.contains(&pair)) {
-                return Err(Misfit::AntiAffinity);
-            }
-        }
+        // InterPodAffinity: the pod's affinity, its anti-affinity, then existing pods'.
         if !self.affinity.is_empty() {
             let mut pods_exist = true;
             for t in &self.affinity {
@@ -349,6 +339,17 @@ impl PodConstraints {
             if !pods_exist && !first_of_group {
                 return Err(Misfit::Affinity);
             }
+        }
+        for t in &self.anti_affinity {
+            if has(&t.topology_key).is_some_and(|pair| self.anti_counts.contains(&pair)) {
+                return Err(Misfit::AntiAffinity);
+            }
+        }
+        if node_labels
+            .iter()
+            .any(|(k, v)| self.existing_anti.contains(&(k.clone(), v.clone())))
+        {
+            return Err(Misfit::ExistingAntiAffinity);
         }
         Ok(())
     }
@@ -402,8 +403,7 @@ mod tests {
         );
         assert_eq!(by_zone.placement_fits(&b), Err(Misfit::AntiAffinity));
         assert_eq!(by_zone.placement_fits(&c), Ok(()));
-        // A pod without anti-affinity of its own is kept off by a running pod's (checked
-        // first, as kube-scheduler does).
+        // A pod without anti-affinity of its own is kept off by a running pod's.
         let guarded = pod(json!({"app": "web"}), anti("kubernetes.io/hostname"));
         let placed_guarded = [Placed {
             pod: &guarded,

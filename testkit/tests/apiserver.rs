@@ -714,3 +714,81 @@ async fn apply_conflicts_until_another_writer_removes_the_field() {
         .unwrap();
     assert_eq!(now.spec.unwrap().holder_identity.as_deref(), Some("b"));
 }
+
+#[tokio::test]
+async fn pod_specs_are_immutable_but_for_what_kubernetes_allows() {
+    let server = ApiServer::start(&[]).await;
+    let pods: Api<Pod> = Api::default_namespaced(server.client());
+    let mut p = pod("web", json!({}), true);
+    p.spec.as_mut().unwrap().tolerations = Some(vec![
+        serde_json::from_value(json!({"key": "a", "operator": "Exists"})).unwrap(),
+    ]);
+    pods.create(&PostParams::default(), &p).await.unwrap();
+    let pp = PatchParams::default();
+    // What may change: an image, an added toleration, metadata.
+    for allowed in [
+        json!({"spec": {"containers": [{"name": "c", "image": "busybox:2"}]}}),
+        json!({"metadata": {"labels": {"touched": "yes"}}}),
+    ] {
+        pods.patch("web", &pp, &Patch::Merge(&allowed))
+            .await
+            .unwrap_or_else(|e| panic!("{allowed}: {e}"));
+    }
+    let add: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "add", "path": "/spec/tolerations/-", "value": {"key": "b", "operator": "Exists"}}
+    ]))
+    .unwrap();
+    pods.patch("web", &pp, &Patch::<()>::Json(add))
+        .await
+        .expect("a toleration may be added");
+    // What may not: resources, a removed toleration, the node.
+    for forbidden in [
+        json!({"spec": {"containers": [{"name": "c", "image": "busybox:2", "resources": {"requests": {"cpu": "1"}}}]}}),
+        json!({"spec": {"tolerations": [{"key": "b", "operator": "Exists"}]}}),
+        json!({"spec": {"nodeName": "n2"}}),
+    ] {
+        match pods.patch("web", &pp, &Patch::Merge(&forbidden)).await {
+            Err(kube::Error::Api(e)) => {
+                assert_eq!(e.code, 422, "{forbidden}");
+                assert!(
+                    e.message.contains(
+                        "pod updates may not change fields other than `spec.containers[*].image`"
+                    ),
+                    "{}",
+                    e.message
+                );
+            }
+            other => panic!("{forbidden}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_new_node_is_tainted_not_ready_at_creation() {
+    let server = ApiServer::start(&[]).await;
+    let nodes: Api<Node> = Api::all(server.client());
+    let mut n = node("n1", json!({}));
+    n.spec = Some(
+        serde_json::from_value(json!({"taints": [{"key": "startup", "effect": "NoSchedule"}]}))
+            .unwrap(),
+    );
+    let created = nodes.create(&PostParams::default(), &n).await.unwrap();
+    let taints: Vec<(String, String)> = created
+        .spec
+        .unwrap()
+        .taints
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.key, t.effect))
+        .collect();
+    assert_eq!(
+        taints,
+        [
+            ("startup".to_owned(), "NoSchedule".to_owned()),
+            (
+                "node.kubernetes.io/not-ready".to_owned(),
+                "NoSchedule".to_owned()
+            )
+        ]
+    );
+}

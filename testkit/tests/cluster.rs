@@ -367,15 +367,6 @@ async fn the_kubelet_simulator_walks_a_node_through_its_lifecycle() {
         "1920m"
     );
 
-    let condition = |n: &Node, t: &str| -> Option<String> {
-        n.status
-            .as_ref()?
-            .conditions
-            .as_ref()?
-            .iter()
-            .find(|c| c.type_ == t)
-            .map(|c| c.status.clone())
-    };
     eventually(
         "Ready and network ready",
         Duration::from_secs(10),
@@ -615,4 +606,266 @@ async fn instances_can_power_themselves_off_after_their_first_boot() {
         cloud.instance(&inst.id).unwrap().state,
         InstanceState::Running
     );
+}
+
+fn condition(n: &Node, t: &str) -> Option<String> {
+    n.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == t)
+        .map(|c| c.status.clone())
+}
+
+/// A running instance's Ready node, with the simulator, scheduler and controllers.
+async fn one_ready_node() -> (
+    ApiServer,
+    Arc<FakeCloud>,
+    Vec<Box<dyn std::any::Any>>,
+    String,
+) {
+    let server = ApiServer::start_with_repo_crds().await;
+    let client = server.client();
+    let cloud = Arc::new(FakeCloud::new(FakeCloudConfig {
+        pending_to_running: Duration::from_millis(100),
+        stopping_to_stopped: Duration::from_millis(100),
+        shutting_down_to_terminated: Duration::from_millis(100),
+        ..Default::default()
+    }));
+    cloud.add_subnet("subnet-12345678", "us-east-1a");
+    let handles: Vec<Box<dyn std::any::Any>> = vec![
+        Box::new(KubeletSim::start(
+            client.clone(),
+            cloud.clone(),
+            KubeletOptions::default(),
+        )),
+        Box::new(Scheduler::start(client.clone())),
+        Box::new(Controllers::start(client.clone())),
+    ];
+    let inst = cloud
+        .launch(&launch_request("#!/bin/bash\n"))
+        .await
+        .instances
+        .remove(0);
+    let name = inst.private_dns_name.clone().unwrap();
+    let nodes: Api<Node> = Api::all(client);
+    eventually("the node Ready", Duration::from_secs(10), || async {
+        let n = nodes.get_opt(&name).await.unwrap()?;
+        (condition(&n, "Ready").as_deref() == Some("True")).then_some(())
+    })
+    .await;
+    (server, cloud, handles, name)
+}
+
+fn taint_keys(node: &Node) -> Vec<String> {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| format!("{}:{}", t.key, t.effect))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_node_lifecycle_taints_follow_readiness_and_cordons() {
+    let (server, cloud, _handles, name) = one_ready_node().await;
+    let nodes: Api<Node> = Api::all(server.client());
+    eventually(
+        "not-ready taint removed",
+        Duration::from_secs(10),
+        || async {
+            taint_keys(&nodes.get(&name).await.unwrap())
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    nodes
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"unschedulable": true}})),
+        )
+        .await
+        .unwrap();
+    eventually("a cordon is a taint", Duration::from_secs(10), || async {
+        (taint_keys(&nodes.get(&name).await.unwrap())
+            == ["node.kubernetes.io/unschedulable:NoSchedule"])
+        .then_some(())
+    })
+    .await;
+    let id = cloud.all_instances()[0].id.clone();
+    cloud.stop_instances(std::slice::from_ref(&id)).await;
+    eventually(
+        "unreachable when stopped",
+        Duration::from_secs(10),
+        || async {
+            let keys = taint_keys(&nodes.get(&name).await.unwrap());
+            (keys.contains(&"node.kubernetes.io/unreachable:NoSchedule".to_owned())
+                && keys.contains(&"node.kubernetes.io/unreachable:NoExecute".to_owned()))
+            .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_deleted_pod_stays_terminating_for_its_shutdown_time() {
+    let (server, _cloud, _handles, name) = one_ready_node().await;
+    let pods: Api<Pod> = Api::default_namespaced(server.client());
+    let mut p = pod(
+        "job",
+        json!({"nodeName": name, "terminationGracePeriodSeconds": 30}),
+    );
+    p.metadata.annotations = Some(BTreeMap::from([(
+        testkit::kubelet::SHUTDOWN_AFTER_ANNOTATION.to_owned(),
+        "2s".to_owned(),
+    )]));
+    pods.create(&PostParams::default(), &p).await.unwrap();
+    eventually("running", Duration::from_secs(10), || async {
+        (pods.get("job").await.unwrap().status?.phase.as_deref() == Some("Running")).then_some(())
+    })
+    .await;
+    let deleted = std::time::Instant::now();
+    pods.delete("job", &Default::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let terminating = pods.get_opt("job").await.unwrap().expect("still there");
+    assert!(terminating.metadata.deletion_timestamp.is_some());
+    eventually(
+        "gone after its shutdown",
+        Duration::from_secs(10),
+        || async { pods.get_opt("job").await.unwrap().is_none().then_some(()) },
+    )
+    .await;
+    let took = deleted.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_scheduler_refuses_anti_affinity_spread_ports_and_cordons_in_its_words() {
+    let server = ApiServer::start_with_repo_crds().await;
+    let client = server.client();
+    let nodes: Api<Node> = Api::all(client.clone());
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    for (name, zone) in [("n1", "a"), ("n2", "b")] {
+        ready_node(
+            &nodes,
+            name,
+            json!({"kubernetes.io/hostname": name, "topology.kubernetes.io/zone": zone}),
+            json!([]),
+            "4",
+        )
+        .await;
+    }
+    let _scheduler = Scheduler::start(client.clone());
+    let _controllers = Controllers::start(client.clone());
+    let web = |name: &str, extra: Value| {
+        let mut p = pod(name, extra);
+        p.metadata.labels = Some(BTreeMap::from([("app".to_owned(), "web".to_owned())]));
+        p
+    };
+    let anti = json!({"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "kubernetes.io/hostname"}]}}});
+    for i in 0..3 {
+        pods.create(
+            &PostParams::default(),
+            &web(&format!("web-{i}"), anti.clone()),
+        )
+        .await
+        .unwrap();
+    }
+    let placed: Vec<Option<String>> = {
+        let mut out = Vec::new();
+        for i in 0..3 {
+            let name = format!("web-{i}");
+            out.push(
+                eventually(&name, Duration::from_secs(10), || async {
+                    let p = pods.get(&name).await.unwrap();
+                    if let Some(n) = scheduled(&p) {
+                        return Some(Some(n));
+                    }
+                    unschedulable_message(&p).map(|m| {
+                        assert_eq!(
+                            m,
+                            "0/2 nodes are available: 2 node(s) didn't match pod anti-affinity rules."
+                        );
+                        None
+                    })
+                })
+                .await,
+            );
+        }
+        out
+    };
+    let bound: std::collections::BTreeSet<_> = placed.iter().flatten().collect();
+    assert_eq!(bound.len(), 2, "one replica per node: {placed:?}");
+    assert_eq!(placed.iter().filter(|p| p.is_none()).count(), 1);
+
+    // Host ports: with n2 cordoned, a second pod wanting host port 8080 finds n1's taken.
+    nodes
+        .patch(
+            "n2",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"unschedulable": true}})),
+        )
+        .await
+        .unwrap();
+    let port = json!({"containers": [{"name": "c", "image": "app:1", "ports": [{"containerPort": 80, "hostPort": 8080}]}]});
+    pods.create(&PostParams::default(), &pod("port-1", port.clone()))
+        .await
+        .unwrap();
+    eventually("port-1 on n1", Duration::from_secs(10), || async {
+        scheduled(&pods.get("port-1").await.unwrap()).filter(|n| n == "n1")
+    })
+    .await;
+    pods.create(&PostParams::default(), &pod("port-2", port))
+        .await
+        .unwrap();
+    let message = eventually("port-2 refused", Duration::from_secs(10), || async {
+        unschedulable_message(&pods.get("port-2").await.unwrap())
+    })
+    .await;
+    assert_eq!(
+        message,
+        "0/2 nodes are available: 1 node(s) didn't have free ports for the requested pod ports, 1 node(s) were unschedulable."
+    );
+}
+
+#[tokio::test]
+async fn a_paced_scheduler_marks_a_burst_over_time() {
+    let server = ApiServer::start_with_repo_crds().await;
+    let client = server.client();
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    for i in 0..20 {
+        pods.create(
+            &PostParams::default(),
+            &pod(&format!("p-{i}"), json!({"nodeSelector": {"pool": "none"}})),
+        )
+        .await
+        .unwrap();
+    }
+    let started = std::time::Instant::now();
+    let _scheduler = testkit::scheduler::Scheduler::start_with(
+        client.clone(),
+        testkit::scheduler::SchedulerOptions {
+            api_qps: Some(10.0),
+            api_burst: 5,
+        },
+    );
+    eventually("every pod marked", Duration::from_secs(10), || async {
+        let list = pods.list(&ListParams::default()).await.unwrap();
+        list.items
+            .iter()
+            .all(|p| unschedulable_message(p).is_some())
+            .then_some(())
+    })
+    .await;
+    // 5 at once, then 15 at 10 a second.
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1300), "{took:?}");
 }

@@ -378,34 +378,42 @@ impl Store {
         }
     }
 
+    /// kube-apiserver's pod spec defaults (a part of them), applied on every write as the
+    /// real server's decoding does.
+    fn default_pod_spec(obj: &mut Value) {
+        let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) else {
+            return;
+        };
+        spec.entry("restartPolicy").or_insert(json!("Always"));
+        spec.entry("schedulerName")
+            .or_insert(json!("default-scheduler"));
+        spec.entry("terminationGracePeriodSeconds")
+            .or_insert(json!(30));
+        spec.entry("dnsPolicy").or_insert(json!("ClusterFirst"));
+        for list in ["initContainers", "containers"] {
+            if let Some(containers) = spec.get_mut(list).and_then(Value::as_array_mut) {
+                for c in containers {
+                    let latest = c.get("image").and_then(Value::as_str).is_some_and(|i| {
+                        i.ends_with(":latest") || !i.rsplit('/').next().unwrap_or(i).contains(':')
+                    });
+                    if let Some(c) = c.as_object_mut() {
+                        c.entry("imagePullPolicy").or_insert(json!(if latest {
+                            "Always"
+                        } else {
+                            "IfNotPresent"
+                        }));
+                    }
+                }
+            }
+        }
+    }
+
     /// Built-in defaulting and admission the tests rely on (a tiny part of what kube-apiserver does).
     fn prepare_create(def: &ResourceDef, obj: &mut Value) {
         if def.group.is_empty() && def.kind == "Pod" {
+            Self::default_pod_spec(obj);
             let spec = obj.get_mut("spec").and_then(Value::as_object_mut);
             if let Some(spec) = spec {
-                spec.entry("restartPolicy").or_insert(json!("Always"));
-                spec.entry("schedulerName")
-                    .or_insert(json!("default-scheduler"));
-                spec.entry("terminationGracePeriodSeconds")
-                    .or_insert(json!(30));
-                spec.entry("dnsPolicy").or_insert(json!("ClusterFirst"));
-                for list in ["initContainers", "containers"] {
-                    if let Some(containers) = spec.get_mut(list).and_then(Value::as_array_mut) {
-                        for c in containers {
-                            let latest = c.get("image").and_then(Value::as_str).is_some_and(|i| {
-                                i.ends_with(":latest")
-                                    || !i.rsplit('/').next().unwrap_or(i).contains(':')
-                            });
-                            if let Some(c) = c.as_object_mut() {
-                                c.entry("imagePullPolicy").or_insert(json!(if latest {
-                                    "Always"
-                                } else {
-                                    "IfNotPresent"
-                                }));
-                            }
-                        }
-                    }
-                }
                 // DefaultTolerationSeconds admission.
                 let tolerations = spec.entry("tolerations").or_insert_with(|| json!([]));
                 if let Some(list) = tolerations.as_array_mut() {
@@ -655,11 +663,11 @@ impl Store {
                 new
             }
         };
-        if target == Target::Main
-            && def.group.is_empty()
-            && def.kind == "Pod"
-            && !pod_spec_update_allowed(&existing, &new)
-        {
+        let is_pod = def.group.is_empty() && def.kind == "Pod";
+        if is_pod && target != Target::Status {
+            Self::default_pod_spec(&mut new);
+        }
+        if target == Target::Main && is_pod && !pod_spec_update_allowed(&existing, &new) {
             let mut e = ApiError::invalid(
                 def,
                 name,
