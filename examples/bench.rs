@@ -118,7 +118,7 @@ async fn decision() -> bool {
             let stream = watcher(pods, watcher::Config::default()).applied_objects();
             let mut stream = std::pin::pin!(stream);
             while let Ok(Some(pod)) = stream.try_next().await {
-                if stratos::controller::pending::is_pending_unschedulable(&pod) {
+                if stratos::pool::pods::is_pending_unschedulable(&pod) {
                     marked
                         .lock()
                         .unwrap()

@@ -47,6 +47,12 @@ pub struct FakeCloudConfig {
     pub id_base: u64,
     /// Domain of the private DNS names (`ip-10-0-0-1.<domain>`), which name the Nodes.
     pub dns_domain: String,
+    /// How long every API call takes to answer (EC2's StartInstances takes a few hundred
+    /// milliseconds); zero: at once.
+    pub api_latency: Duration,
+    /// EC2's request buckets, as Ec2Cloud applies them (`None`: no limit), for benchmarks
+    /// and tests that must see what production sees.
+    pub limits: Option<crate::cloud::ratelimit::Limits>,
 }
 
 impl Default for FakeCloudConfig {
@@ -62,6 +68,8 @@ impl Default for FakeCloudConfig {
             terminated_visible_for: Duration::from_secs(60),
             id_base: 0,
             dns_domain: "ec2.internal".into(),
+            api_latency: Duration::ZERO,
+            limits: None,
         }
     }
 }
@@ -153,6 +161,7 @@ pub struct FakeCloud {
     state: Mutex<State>,
     epoch: (Instant, SystemTime),
     observer: Mutex<Option<CallObserver>>,
+    limiter: Option<crate::cloud::ratelimit::RateLimiter>,
 }
 
 impl FakeCloud {
@@ -162,10 +171,25 @@ impl FakeCloud {
             ..State::default()
         };
         Self {
+            limiter: config
+                .limits
+                .clone()
+                .map(crate::cloud::ratelimit::RateLimiter::new),
             config: Mutex::new(config),
             state: Mutex::new(state),
             epoch: (Instant::now(), SystemTime::now()),
             observer: Mutex::new(None),
+        }
+    }
+
+    /// What a call waits before it is answered: its bucket's token, then the API latency.
+    async fn pace(&self, op: Operation, resources: usize) {
+        if let Some(limiter) = &self.limiter {
+            limiter.acquire(op, resources).await;
+        }
+        let latency = self.cfg().api_latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
         }
     }
 
@@ -542,6 +566,7 @@ fn private_ip(id: &str) -> String {
 #[async_trait]
 impl CloudProvider for FakeCloud {
     async fn launch(&self, request: &LaunchRequest) -> LaunchOutcome {
+        self.pace(Operation::RunInstances, request.count).await;
         let cfg = self.cfg();
         let mut state = self.lock();
         self.advance(&mut state);
@@ -612,6 +637,7 @@ impl CloudProvider for FakeCloud {
     }
 
     async fn start_instances(&self, ids: &[String]) -> BatchOutcome {
+        self.pace(Operation::StartInstances, ids.len()).await;
         self.transition_many(Operation::StartInstances, ids, |inst, cfg, now| {
             match inst.instance.state {
                 InstanceState::Stopped => {
@@ -629,6 +655,7 @@ impl CloudProvider for FakeCloud {
     }
 
     async fn stop_instances(&self, ids: &[String]) -> BatchOutcome {
+        self.pace(Operation::StopInstances, ids.len()).await;
         self.transition_many(Operation::StopInstances, ids, |inst, cfg, now| {
             match inst.instance.state {
                 InstanceState::Running => {
@@ -647,6 +674,7 @@ impl CloudProvider for FakeCloud {
     }
 
     async fn terminate_instances(&self, ids: &[String]) -> BatchOutcome {
+        self.pace(Operation::TerminateInstances, ids.len()).await;
         self.transition_many(Operation::TerminateInstances, ids, |inst, cfg, now| {
             if inst.instance.state.is_live() {
                 inst.instance.state = InstanceState::ShuttingDown;
@@ -658,6 +686,7 @@ impl CloudProvider for FakeCloud {
     }
 
     async fn list_instances(&self) -> Result<Vec<Instance>, CloudError> {
+        self.pace(Operation::DescribeInstances, 0).await;
         let cluster = self.cfg().cluster;
         let mut state = self.lock();
         self.advance(&mut state);
@@ -679,6 +708,7 @@ impl CloudProvider for FakeCloud {
         ids: &[String],
         new_tags: &BTreeMap<String, String>,
     ) -> Result<(), CloudError> {
+        self.pace(Operation::CreateTags, ids.len()).await;
         let cluster = self.cfg().cluster;
         let mut state = self.lock();
         self.advance(&mut state);

@@ -7,8 +7,8 @@ pub mod gc;
 pub mod instances;
 pub mod nodeclass;
 pub mod nodepool;
-pub mod pending;
 pub mod podcache;
+pub mod scaleup;
 mod trim;
 
 use std::{
@@ -116,6 +116,24 @@ pub struct Context {
     pub metrics: Arc<PoolMetrics>,
     /// Consecutive failures per object, for backoff in `error_policy`.
     failures: Mutex<HashMap<String, u32>>,
+    /// What the last scale-up decision wants of each pool (SPEC §6): the pools' reconciles
+    /// launch and hand over accordingly.
+    pub demand: Mutex<HashMap<String, PoolDemand>>,
+    /// Woken on any pod change: the scale-up loop waits on it.
+    pub pods_changed: Arc<Notify>,
+    /// Wakes the pool reconciles.
+    pub pools_changed: Arc<Notify>,
+}
+
+/// One pool's share of the scale-up decision.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolDemand {
+    /// Instances to launch for pending pods.
+    pub launch: usize,
+    /// Warming nodes to hand to pending pods.
+    pub handoff: usize,
+    /// Some pending pod matches the pool: its empty nodes stay.
+    pub wanted: bool,
 }
 
 impl Context {
@@ -125,6 +143,23 @@ impl Context {
         let n = f.entry(key.to_owned()).or_insert(0);
         *n = (*n + 1).min(8);
         Duration::from_secs(1u64 << (*n - 1)).min(Duration::from_secs(120))
+    }
+
+    /// The pool's share of the last scale-up decision.
+    pub fn demand_of(&self, pool: &str) -> PoolDemand {
+        self.demand
+            .lock()
+            .expect("demand lock")
+            .get(pool)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The pool launched what the decision asked: not again for the same decision.
+    pub fn demand_launched(&self, pool: &str) {
+        if let Some(d) = self.demand.lock().expect("demand lock").get_mut(pool) {
+            d.launch = 0;
+        }
     }
 
     pub fn reset_backoff(&self, key: &str) {
@@ -197,7 +232,7 @@ fn trimmed_node(mut node: Node) -> Node {
 fn shared_store<S, K>(
     client: &Client,
     watch: watcher::Config,
-    notify: Arc<Notify>,
+    notify: Vec<Arc<Notify>>,
     convert: fn(S) -> K,
 ) -> (Store<K>, BoxFuture<'static, ()>)
 where
@@ -226,7 +261,7 @@ where
     let fut = async move {
         let mut stream = std::pin::pin!(stream);
         while stream.next().await.is_some() {
-            notify.notify_one();
+            notify.iter().for_each(|n| n.notify_one());
         }
     };
     (reader, Box::pin(fut))
@@ -244,15 +279,26 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let notify = Arc::new(Notify::new());
+    let pods_changed = Arc::new(Notify::new());
     let all = watcher::Config::default;
-    let (nodes, nodes_task) = shared_store(&client, all(), notify.clone(), trimmed_node);
-    let (pods, pods_task) = shared_store::<Pod, _>(&client, all(), notify.clone(), CachedPod::from);
+    let (nodes, nodes_task) = shared_store(
+        &client,
+        all(),
+        vec![notify.clone(), pods_changed.clone()],
+        trimmed_node,
+    );
+    let (pods, pods_task) = shared_store::<Pod, _>(
+        &client,
+        all(),
+        vec![notify.clone(), pods_changed.clone()],
+        CachedPod::from,
+    );
     let (daemonsets, ds_task) =
-        shared_store::<DaemonSet, _>(&client, all(), notify.clone(), drop_managed_fields);
+        shared_store::<DaemonSet, _>(&client, all(), vec![notify.clone()], drop_managed_fields);
     let (classes, classes_task) = shared_store::<AWSNodeClass, _>(
         &client,
         config.scoped_watch(),
-        notify.clone(),
+        vec![notify.clone()],
         drop_managed_fields,
     );
     // Our own NodePool cache for GC and the class controller: the readiness of the pool
@@ -261,7 +307,7 @@ pub async fn run(
     let (pool_store, pools_task) = shared_store::<crate::api::NodePool, _>(
         &client,
         config.scoped_watch(),
-        pools_changed.clone(),
+        vec![pools_changed.clone(), pods_changed.clone()],
         drop_managed_fields,
     );
     let background = tokio::spawn(async move {
@@ -296,6 +342,9 @@ pub async fn run(
         },
         metrics,
         failures: Mutex::new(HashMap::new()),
+        demand: Mutex::new(HashMap::new()),
+        pods_changed,
+        pools_changed: notify.clone(),
     });
     // One oneshot per consumer: kube's graceful shutdown wants a `Send + Sync` future.
     let mut stops = Vec::new();
@@ -312,7 +361,7 @@ pub async fn run(
         stop_signal(),
     );
     let gc = tokio::spawn(gc::run(ctx.clone(), pool_store.clone(), stop_signal()));
-    let scale_up = tokio::spawn(pending::run(ctx.clone(), pool_store, stop_signal()));
+    let scale_up = tokio::spawn(scaleup::run(ctx.clone(), pool_store, stop_signal()));
     let stopper = tokio::spawn(async move {
         shutdown.await;
         for tx in stops {

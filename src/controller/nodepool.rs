@@ -113,7 +113,7 @@ async fn reconcile(pool: Arc<NodePool>, ctx: Arc<Context>) -> Result<Requeue, Er
 }
 
 /// The class's launch spec, hash and readiness, if the class exists.
-fn class_of(
+pub(crate) fn class_of(
     spec: &NodePoolSpec,
     ctx: &Context,
 ) -> Option<(Arc<crate::api::AWSNodeClass>, ClassView)> {
@@ -208,7 +208,7 @@ fn node_view(
             .count(),
         empty_since: annotation_time(node, EMPTY_SINCE),
         draining_since: annotation_time(node, DRAINING_SINCE),
-        start_requested: annotation_time(node, super::pending::LAST_USED_ANNOTATION),
+        start_requested: annotation_time(node, super::scaleup::LAST_USED_ANNOTATION),
     }
 }
 
@@ -220,168 +220,6 @@ fn annotation_time(node: &Node, key: &str) -> Option<SystemTime> {
         .get(key)
         .and_then(|t| t.parse::<jiff::Timestamp>().ok())
         .map(SystemTime::from)
-}
-
-/// Nodes the pool's pending pods need, as `(to launch, to hand off)`: the scale-up decision
-/// over this pool alone, with what it cannot serve packed into nodes the size of the
-/// pool's nodes (pods larger than a node are not counted). Launches count warming nodes as
-/// capacity; hand-offs do not.
-fn demand_nodes(
-    pool: &NodePool,
-    ctx: &Context,
-    members: &[Member],
-    nodes: &HashMap<String, Arc<Node>>,
-) -> (usize, usize) {
-    use crate::pool::scaleup::{
-        CandidateNode, PendingPod, PoolCandidate, Resources, nodes_to_launch,
-    };
-    let mut labels = pool.spec.template.labels.clone();
-    labels.insert(POOL_LABEL.into(), pool.name_any());
-    let pods: Vec<PendingPod> = super::pending::pending_pods(ctx)
-        .iter()
-        .filter(|p| pod_wants_pool(p, pool))
-        .map(|p| PendingPod {
-            key: p.key(),
-            spec: p.scheduling.as_deref().cloned().unwrap_or_default(),
-            requests: p.requests.clone(),
-            images: Default::default(),
-        })
-        .collect();
-    if pods.is_empty() {
-        return (0, 0);
-    }
-    let mut pods_by_node: HashMap<String, Vec<Arc<CachedPod>>> = HashMap::new();
-    for pod in ctx.stores.pods.state() {
-        if let Some(n) = pod.node_name.clone() {
-            pods_by_node.entry(n).or_default().push(pod);
-        }
-    }
-    let allocatable = |n: &Node| -> Option<Resources> {
-        let a = n.status.as_ref()?.allocatable.as_ref()?;
-        Some(
-            a.iter()
-                .map(|(k, v)| (k.clone(), super::pending::pod_quantity(&v.0)))
-                .collect(),
-        )
-    };
-    // The size of a node of this pool: one of its own, else any node of the same instance
-    // type in the cluster (another pool's, say), so even a brand-new pool launches by
-    // bin-packing rather than one node per pod.
-    let template: Option<Resources> = nodes.values().find_map(|n| allocatable(n)).or_else(|| {
-        let (class, _) = class_of(&pool.spec, ctx)?;
-        ctx.stores.nodes.state().iter().find_map(|n| {
-            (n.labels().get("node.kubernetes.io/instance-type") == Some(&class.spec.instance_type))
-                .then(|| allocatable(n))
-                .flatten()
-        })
-    });
-    // Capacity with and without the warming nodes: without them decides how many warm
-    // nodes go to the pods; with them, how many more to launch.
-    let mut with_warming = PoolCandidate {
-        name: pool.name_any(),
-        labels: pool.spec.template.labels.clone(),
-        taints: vec![],
-        starting: vec![],
-        standby: vec![],
-    };
-    let mut without_warming = with_warming.clone();
-    // Members whose capacity is unknown: no Node yet, and no Node of the pool to copy the
-    // allocatable from. Each is counted as room for at least one pod, so launches in flight
-    // are never launched again (with warming nodes, without them).
-    let (mut unknown_with, mut unknown_without) = (0usize, 0usize);
-    for m in members {
-        #[derive(PartialEq)]
-        enum Capacity {
-            Standby,
-            Starting,
-            Warming,
-        }
-        let capacity = match m.phase() {
-            Phase::Standby | Phase::SelfStopped => Capacity::Standby,
-            Phase::Starting | Phase::StartPending | Phase::Running => Capacity::Starting,
-            Phase::Warming | Phase::WarmReady => Capacity::Warming,
-            _ => continue,
-        };
-        let node = nodes.get(m.id());
-        let free = match (node, &template) {
-            (Some(n), _) => super::pending::node_free(
-                n,
-                pods_by_node
-                    .get(&n.name_any())
-                    .map(Vec::as_slice)
-                    .unwrap_or_default(),
-            ),
-            (None, Some(t)) => t.clone(),
-            (None, None) => {
-                unknown_with += 1;
-                if capacity != Capacity::Warming {
-                    unknown_without += 1;
-                }
-                continue;
-            }
-        };
-        let cand = CandidateNode {
-            instance_id: m.id().into(),
-            node_name: node.map(|n| n.name_any()).unwrap_or_default(),
-            zone: m.instance.zone.clone(),
-            // The pool's labels are converged onto its nodes shortly after they register:
-            // count them already, or a just-registered node looks unfit and is launched again.
-            labels: node
-                .map(|n| {
-                    let mut l = n.labels().clone();
-                    l.extend(labels.clone());
-                    l
-                })
-                .unwrap_or_else(|| labels.clone()),
-            free,
-            images: Default::default(),
-            last_used: None,
-        };
-        match capacity {
-            Capacity::Standby => {
-                with_warming.standby.push(cand.clone());
-                without_warming.standby.push(cand);
-            }
-            Capacity::Starting => {
-                with_warming.starting.push(cand.clone());
-                without_warming.starting.push(cand);
-            }
-            Capacity::Warming => with_warming.starting.push(cand),
-        }
-    }
-    (
-        nodes_to_launch(&pods, with_warming, template.as_ref(), unknown_with),
-        nodes_to_launch(&pods, without_warming, template.as_ref(), unknown_without),
-    )
-}
-
-/// Whether some unschedulable pod could use this pool's nodes (then empty nodes stay).
-fn pending_demand(pool: &NodePool, ctx: &Context) -> bool {
-    ctx.stores
-        .pods
-        .state()
-        .iter()
-        .filter(|p| p.unschedulable)
-        .any(|p| pod_wants_pool(p, pool))
-}
-
-/// Whether a pod could run on this pool's nodes: its nodeSelector and required affinity
-/// match the pool's labels and it tolerates the pool's permanent NoSchedule/NoExecute taints.
-fn pod_wants_pool(pod: &CachedPod, pool: &NodePool) -> bool {
-    let Some(spec) = &pod.scheduling else {
-        return false;
-    };
-    let mut labels = pool.spec.template.labels.clone();
-    labels.insert(POOL_LABEL.into(), pool.name_any());
-    let tolerations = spec.tolerations.clone().unwrap_or_default();
-    scheduling::selector_matches(spec, &labels, "")
-        && pool
-            .spec
-            .template
-            .taints
-            .iter()
-            .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
-            .all(|t| scheduling::tolerates(&tolerations, t))
 }
 
 struct Gathered {
@@ -437,6 +275,9 @@ async fn gather(pool: &NodePool, ctx: &Context, deleting: bool) -> Result<Gather
         })
         .collect();
     let class = class_of(&pool.spec, ctx);
+    // What the one scale-up decision wants of this pool (launches, hand-overs, and whether
+    // pending pods could use its nodes).
+    let demand = ctx.demand_of(&name);
     let snapshot = PoolSnapshot {
         pool: PoolView {
             name: name.clone(),
@@ -452,21 +293,14 @@ async fn gather(pool: &NodePool, ctx: &Context, deleting: bool) -> Result<Gather
                     pool.spec.scale_down.drain_timeout.as_std(),
                 )
             }),
-            pending_demand: pending_demand(pool, ctx),
-            demand_nodes: 0,
-            handoff_nodes: 0,
+            pending_demand: demand.wanted,
+            demand_nodes: if deleting { 0 } else { demand.launch },
+            handoff_nodes: if deleting { 0 } else { demand.handoff },
         },
         class: class.as_ref().map(|(_, v)| v.clone()),
         members,
         now: SystemTime::now(),
     };
-    let mut snapshot = snapshot;
-    if snapshot.pool.pending_demand && !deleting {
-        let (launch, handoff) = demand_nodes(pool, ctx, &snapshot.members, &nodes);
-        tracing::debug!(pool = %name, launch, handoff, members = snapshot.members.len(), "demand of pending pods");
-        snapshot.pool.demand_nodes = launch;
-        snapshot.pool.handoff_nodes = handoff;
-    }
     Ok(Gathered {
         snapshot,
         nodes,
@@ -973,6 +807,11 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
         ctx.instances
             .record(Change::Launched(&outcome.instances))
             .await;
+        if !outcome.instances.is_empty() {
+            // The scale-up decision's launches are done: the next decision counts these
+            // instances as capacity on its way, and nothing launches for it twice.
+            ctx.demand_launched(&name);
+        }
         let ids: Vec<&str> = outcome.instances.iter().map(|i| i.id.as_str()).collect();
         tracing::info!(pool = %name, requested = count, launched = ids.len(), instances = ?ids, "launch for warmup");
         if !outcome.instances.is_empty() {

@@ -5,14 +5,20 @@
 
 use std::{borrow::Cow, time::SystemTime};
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::{
     NamespaceResourceScope,
-    api::core::v1::{Pod, PodSpec},
+    api::core::v1::{Pod, PodAffinityTerm, PodSpec},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::Resource;
 
-use crate::pool::scaleup::Resources;
+use crate::pool::{
+    placement,
+    pods::{is_pending_unschedulable, pod_requests},
+    quantity::Resources,
+};
 
 /// A pod as the controllers see it.
 #[derive(Debug, Clone, Default)]
@@ -31,8 +37,15 @@ pub struct CachedPod {
     pub unschedulable: bool,
     /// When it became unschedulable (or was created).
     pub pending_since: Option<SystemTime>,
-    /// The scheduler's view of its requests (SPEC §6).
-    pub requests: Resources,
+    /// Its labels: other pods' affinity and spread constraints select by them.
+    pub labels: BTreeMap<String, String>,
+    /// The scheduler's view of its requests (SPEC §6); `None` when one is not a valid
+    /// quantity.
+    pub requests: Option<Resources>,
+    /// Its required anti-affinity terms (they keep other pods off its node or zone).
+    pub anti_affinity: Vec<PodAffinityTerm>,
+    /// Its host ports, `(protocol, port)`.
+    pub host_ports: Vec<(String, i32)>,
     /// Images of its containers and init containers.
     pub images: Vec<String>,
     /// The scheduling constraints, kept only while the pod is unschedulable: a bound pod
@@ -66,14 +79,20 @@ impl CachedPod {
 
 impl From<Pod> for CachedPod {
     fn from(pod: Pod) -> Self {
-        let requests = super::pending::pod_requests(&pod);
-        let unschedulable = super::pending::is_pending_unschedulable(&pod);
+        let unschedulable = is_pending_unschedulable(&pod);
+        let requests = pod.spec.as_ref().and_then(|s| pod_requests(s).ok());
+        let (anti_affinity, host_ports) = pod
+            .spec
+            .as_ref()
+            .map(|s| (placement::anti_affinity_terms(s), placement::host_ports(s)))
+            .unwrap_or_default();
         let status = pod.status.unwrap_or_default();
         let conditions = status.conditions.unwrap_or_default();
         let ready = conditions
             .iter()
             .any(|c| c.type_ == "Ready" && c.status == "True");
-        let meta = pod.metadata;
+        let mut meta = pod.metadata;
+        let labels = meta.labels.take().unwrap_or_default();
         let pending_since = conditions
             .iter()
             .find(|c| c.type_ == "PodScheduled" && c.status == "False")
@@ -121,7 +140,10 @@ impl From<Pod> for CachedPod {
             ready,
             unschedulable,
             pending_since,
+            labels,
             requests,
+            anti_affinity,
+            host_ports,
             images,
             scheduling,
         }
@@ -181,10 +203,12 @@ mod tests {
         assert!(p.ready && p.is_workload() && !p.unschedulable);
         assert!(p.scheduling.is_none());
         assert!(p.metadata.annotations.is_none() && p.metadata.labels.is_none());
+        assert_eq!(p.labels["app"], "x", "kept apart from the metadata");
         assert_eq!(p.images, vec!["init:1", "app:1"]);
         // max(init 1, containers 0.5) + overhead 0.01
-        assert!((p.requests["cpu"] - 1.01).abs() < 1e-9);
-        assert_eq!(p.requests["pods"], 1.0);
+        let requests = p.requests.as_ref().unwrap();
+        assert_eq!(requests["cpu"], 1010);
+        assert_eq!(requests["pods"], 1000);
     }
 
     #[test]

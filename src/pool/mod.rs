@@ -1,9 +1,13 @@
 //! The pure core (SPEC §2): what a pool's instances and nodes are, and what to do about them.
 //!
-//! Nothing in this module performs I/O. Controllers gather a [`PoolSnapshot`], call
-//! [`plan::plan_pool`], and execute the returned actions.
+//! Nothing in this module performs I/O. Controllers gather snapshots and execute what the
+//! pure functions return: [`scaleup::plan_scale_up`] decides scale-up for every pool at
+//! once, [`plan::plan_pool`] a pool's lifecycle.
 
+pub mod placement;
 pub mod plan;
+pub mod pods;
+pub mod quantity;
 pub mod scaleup;
 pub mod scheduling;
 pub mod state;
