@@ -49,83 +49,6 @@ fn pool_doc() -> &'static str {
     QUICKSTART.split("---").nth(1).unwrap()
 }
 
-async fn pool_status(cluster: &TestCluster, name: &str) -> Option<stratos::api::NodePoolStatus> {
-    Api::<NodePool>::all(cluster.client.clone())
-        .get_opt(&cluster.name(name))
-        .await
-        .ok()??
-        .status
-}
-
-async fn wait_standby(cluster: &TestCluster, pool: &str, standby: i32, total: i32) {
-    cluster
-        .wait_for(
-            &format!("{pool}: {standby} standby of {total}"),
-            Duration::from_secs(30),
-            || async {
-                let s = pool_status(cluster, pool).await?;
-                (s.standby == standby && s.total == total && s.warmup == 0).then_some(())
-            },
-        )
-        .await;
-}
-
-fn pool_instances(cluster: &TestCluster, pool: &str) -> Vec<stratos::cloud::Instance> {
-    cluster
-        .cloud
-        .all_instances()
-        .into_iter()
-        .filter(|i| i.tag(tags::POOL) == Some(cluster.name(pool).as_str()) && i.state.is_live())
-        .collect()
-}
-
-fn launched(cluster: &TestCluster) -> usize {
-    cluster
-        .cloud
-        .calls()
-        .iter()
-        .filter(|c| c.operation == Operation::RunInstances)
-        .map(|c| c.ids.len())
-        .sum()
-}
-
-/// The StartInstances calls after the first `before`, logged with the nodes each started.
-fn starts_since(
-    cluster: &TestCluster,
-    before: usize,
-    what: &str,
-) -> Vec<stratos::cloud::fake::CallRecord> {
-    let starts: Vec<_> = cluster
-        .cloud
-        .calls()
-        .into_iter()
-        .filter(|c| c.operation == Operation::StartInstances)
-        .skip(before)
-        .collect();
-    println!(
-        "{what}: StartInstances calls: {}, nodes started: {:?}",
-        starts.len(),
-        starts.iter().map(|c| c.ids.len()).collect::<Vec<_>>()
-    );
-    starts
-}
-
-/// Waits until `n` of the test's pods run.
-async fn wait_pods_running(cluster: &TestCluster, n: usize, timeout: Duration) {
-    let pods = cluster.pods();
-    cluster
-        .wait_for(&format!("{n} pods running"), timeout, || async {
-            let list = pods.list(&ListParams::default()).await.ok()?;
-            let running = list
-                .items
-                .iter()
-                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-                .count();
-            (running == n).then_some(())
-        })
-        .await;
-}
-
 fn print_pools(cluster: &TestCluster) {
     if let Some(table) = cluster.kubectl(&["get", "np"]) {
         println!("$ kubectl get np\n{table}");
@@ -140,17 +63,17 @@ async fn fills_a_pool_to_min_standby() {
     cluster.apply_yaml(QUICKSTART).await;
     cluster
         .wait_for("warmup in progress", Duration::from_secs(10), || async {
-            let s = pool_status(&cluster, "workers").await?;
+            let s = cluster.pool_status("workers").await?;
             (s.warmup > 0).then_some(())
         })
         .await;
     print_pools(&cluster);
-    wait_standby(&cluster, "workers", 3, 3).await;
+    cluster.wait_standby("workers", 3, 3).await;
     print_pools(&cluster);
 
-    let instances = pool_instances(&cluster, "workers");
+    let instances = cluster.pool_instances("workers");
     assert_eq!(instances.len(), 3);
-    assert_eq!(launched(&cluster), 3, "exactly minStandby launched");
+    assert_eq!(cluster.launched(), 3, "exactly minStandby launched");
     assert_eq!(
         cluster.cloud.call_count(Operation::RunInstances),
         1,
@@ -212,7 +135,7 @@ async fn fills_a_pool_to_min_standby() {
             "{images:?}"
         );
     }
-    let status = pool_status(&cluster, "workers").await.unwrap();
+    let status = cluster.pool_status("workers").await.unwrap();
     let ready = status
         .conditions
         .iter()
@@ -251,13 +174,13 @@ async fn a_self_stopped_instance_completes_warmup() {
     cluster.apply_yaml(AWS_NODE).await;
     let _operator = cluster.start_operator();
     cluster.apply_yaml(QUICKSTART).await;
-    wait_standby(&cluster, "workers", 3, 3).await;
+    cluster.wait_standby("workers", 3, 3).await;
     assert_eq!(
         cluster.cloud.call_count(Operation::StopInstances),
         0,
         "the instances stopped themselves"
     );
-    assert_eq!(launched(&cluster), 3);
+    assert_eq!(cluster.launched(), 3);
     cluster.invariants.assert_held().await;
 }
 
@@ -287,21 +210,21 @@ async fn a_missed_warmup_deadline_terminates_or_stops() {
                     Duration::from_secs(20),
                     || async {
                         (cluster.cloud.call_count(Operation::TerminateInstances) >= 1
-                            && launched(&cluster) >= 2)
+                            && cluster.launched() >= 2)
                             .then_some(())
                     },
                 )
                 .await;
             assert!(
-                pool_instances(&cluster, "workers").len() <= 1,
+                cluster.pool_instances("workers").len() <= 1,
                 "never more than minStandby warming"
             );
         } else {
-            wait_standby(&cluster, "workers", 1, 1).await;
-            let inst = &pool_instances(&cluster, "workers")[0];
+            cluster.wait_standby("workers", 1, 1).await;
+            let inst = &cluster.pool_instances("workers")[0];
             assert_eq!(inst.state, InstanceState::Stopped);
             assert_eq!(inst.tag(tags::STATE), Some("standby"));
-            assert_eq!(launched(&cluster), 1);
+            assert_eq!(cluster.launched(), 1);
         }
         cluster.invariants.assert_held().await;
     }
@@ -312,7 +235,7 @@ async fn lowering_pool_size_trims_standby_nodes() {
     let cluster = TestCluster::start(ClusterOptions::default()).await;
     let _operator = cluster.start_operator();
     cluster.apply_yaml(QUICKSTART).await;
-    wait_standby(&cluster, "workers", 3, 3).await;
+    cluster.wait_standby("workers", 3, 3).await;
     cluster
         .apply_yaml(
             &pool_doc()
@@ -320,10 +243,10 @@ async fn lowering_pool_size_trims_standby_nodes() {
                 .replace("minStandby: 3", "minStandby: 1"),
         )
         .await;
-    wait_standby(&cluster, "workers", 1, 1).await;
+    cluster.wait_standby("workers", 1, 1).await;
     print_pools(&cluster);
-    assert_eq!(pool_instances(&cluster, "workers").len(), 1);
-    assert_eq!(launched(&cluster), 3);
+    assert_eq!(cluster.pool_instances("workers").len(), 1);
+    assert_eq!(cluster.launched(), 3);
     let nodes = Api::<Node>::all(cluster.client.clone())
         .list(
             &ListParams::default().labels(&format!("stratos.sh/pool={}", cluster.name("workers"))),
@@ -352,8 +275,9 @@ async fn changing_the_ami_replaces_standby_nodes() {
     cluster.cloud.add_image("ami-0fedcba9876543210");
     let _operator = cluster.start_operator();
     cluster.apply_yaml(QUICKSTART).await;
-    wait_standby(&cluster, "workers", 3, 3).await;
-    let old: Vec<String> = pool_instances(&cluster, "workers")
+    cluster.wait_standby("workers", 3, 3).await;
+    let old: Vec<String> = cluster
+        .pool_instances("workers")
         .into_iter()
         .map(|i| i.id)
         .collect();
@@ -365,8 +289,8 @@ async fn changing_the_ami_replaces_standby_nodes() {
             "every standby node replaced",
             Duration::from_secs(40),
             || async {
-                let now = pool_instances(&cluster, "workers");
-                let s = pool_status(&cluster, "workers").await?;
+                let now = cluster.pool_instances("workers");
+                let s = cluster.pool_status("workers").await?;
                 (now.len() == 3
                     && now.iter().all(|i| !old.contains(&i.id))
                     && s.standby == 3
@@ -375,7 +299,8 @@ async fn changing_the_ami_replaces_standby_nodes() {
             },
         )
         .await;
-    let hashes: std::collections::BTreeSet<String> = pool_instances(&cluster, "workers")
+    let hashes: std::collections::BTreeSet<String> = cluster
+        .pool_instances("workers")
         .iter()
         .filter_map(|i| i.tag(tags::NODECLASS_HASH).map(str::to_owned))
         .collect();
@@ -388,7 +313,7 @@ async fn deleting_the_pool_leaves_nothing_behind() {
     let cluster = TestCluster::start(ClusterOptions::default()).await;
     let _operator = cluster.start_operator();
     cluster.apply_yaml(QUICKSTART).await;
-    wait_standby(&cluster, "workers", 3, 3).await;
+    cluster.wait_standby("workers", 3, 3).await;
     // The class is in use: deleting it waits for the pool.
     let classes: Api<AWSNodeClass> = Api::all(cluster.client.clone());
     classes
@@ -425,7 +350,7 @@ async fn deleting_the_pool_leaves_nothing_behind() {
                     )
                     .await
                     .ok()?;
-                (gone && pool_instances(&cluster, "workers").is_empty() && nodes.items.is_empty())
+                (gone && cluster.pool_instances("workers").is_empty() && nodes.items.is_empty())
                     .then_some(())
             },
         )
@@ -452,7 +377,7 @@ async fn a_missing_node_class_degrades_the_pool_until_it_exists() {
     let degraded = |reason: &'static str| {
         let cluster = &cluster;
         move || async move {
-            let s = pool_status(cluster, "workers").await?;
+            let s = cluster.pool_status("workers").await?;
             let c = s.conditions.iter().find(|c| c.type_ == "Degraded")?;
             (c.reason == reason).then_some(c.status.clone())
         }
@@ -465,7 +390,7 @@ async fn a_missing_node_class_degrades_the_pool_until_it_exists() {
         )
         .await;
     assert_eq!(status, "True");
-    assert_eq!(launched(&cluster), 0);
+    assert_eq!(cluster.launched(), 0);
     // A class referring to a subnet that does not exist: not ready, still nothing launched.
     cluster
         .apply_yaml(&class_doc().replace("subnet-12345678", "subnet-0badbad0"))
@@ -494,10 +419,10 @@ async fn a_missing_node_class_degrades_the_pool_until_it_exists() {
         "{}",
         ready.message
     );
-    assert_eq!(launched(&cluster), 0);
+    assert_eq!(cluster.launched(), 0);
     // Fixed: the pool recovers and the condition clears.
     cluster.apply_yaml(class_doc()).await;
-    wait_standby(&cluster, "workers", 3, 3).await;
+    cluster.wait_standby("workers", 3, 3).await;
     let status = cluster
         .wait_for(
             "Degraded cleared",
@@ -523,16 +448,16 @@ async fn a_restart_mid_warmup_launches_nothing_extra() {
     cluster.apply_yaml(QUICKSTART).await;
     cluster
         .wait_for("instances launched", Duration::from_secs(10), || async {
-            (launched(&cluster) == 3).then_some(())
+            (cluster.launched() == 3).then_some(())
         })
         .await;
     operator.kill();
     // A new operator process: nothing in memory, only EC2 and the API server.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _operator = cluster.start_operator();
-    wait_standby(&cluster, "workers", 3, 3).await;
+    cluster.wait_standby("workers", 3, 3).await;
     assert_eq!(
-        launched(&cluster),
+        cluster.launched(),
         3,
         "the restarted operator launched nothing extra"
     );
@@ -554,7 +479,7 @@ async fn cloud_errors_are_conditions_not_crash_loops() {
             "Degraded InsufficientCapacity",
             Duration::from_secs(10),
             || async {
-                let s = pool_status(&cluster, "workers").await?;
+                let s = cluster.pool_status("workers").await?;
                 s.conditions
                     .iter()
                     .any(|c| {
@@ -566,8 +491,8 @@ async fn cloud_errors_are_conditions_not_crash_loops() {
             },
         )
         .await;
-    wait_standby(&cluster, "workers", 3, 3).await;
-    let s = pool_status(&cluster, "workers").await.unwrap();
+    cluster.wait_standby("workers", 3, 3).await;
+    let s = cluster.pool_status("workers").await.unwrap();
     assert!(
         s.conditions
             .iter()
@@ -581,7 +506,7 @@ async fn cloud_errors_are_conditions_not_crash_loops() {
     );
     cluster
         .wait_for("Degraded CloudError", Duration::from_secs(10), || async {
-            let s = pool_status(&cluster, "workers").await?;
+            let s = cluster.pool_status("workers").await?;
             let c = s.conditions.iter().find(|c| c.type_ == "Degraded")?;
             (c.reason == "CloudError"
                 && c.status == "True"
@@ -595,7 +520,7 @@ async fn cloud_errors_are_conditions_not_crash_loops() {
             "Degraded cleared after the listing recovers",
             Duration::from_secs(20),
             || async {
-                let s = pool_status(&cluster, "workers").await?;
+                let s = cluster.pool_status("workers").await?;
                 s.conditions
                     .iter()
                     .any(|c| c.type_ == "Degraded" && c.status == "False")
@@ -623,8 +548,8 @@ async fn images_to_pull_are_pulled_during_warmup() {
         "minStandby: 1\n  preWarm:\n    imagesToPull:\n      - \"my-registry.com/llama-3:70b\"",
     );
     cluster.apply_yaml(&pool).await;
-    wait_standby(&cluster, "workers", 1, 1).await;
-    let inst = &pool_instances(&cluster, "workers")[0];
+    cluster.wait_standby("workers", 1, 1).await;
+    let inst = &cluster.pool_instances("workers")[0];
     let node = Api::<Node>::all(cluster.client.clone())
         .get(inst.private_dns_name.as_deref().unwrap())
         .await
@@ -678,7 +603,7 @@ async fn instances_of_vanished_pools_and_nodes_of_gone_instances_are_collected()
     let cluster = TestCluster::start(ClusterOptions::default()).await;
     let _operator = cluster.start_operator();
     cluster.apply_yaml(QUICKSTART).await;
-    wait_standby(&cluster, "workers", 3, 3).await;
+    cluster.wait_standby("workers", 3, 3).await;
     // An instance of this cluster whose pool no longer exists (its finalizer was forced off).
     let tags_of = |pool: &str| {
         [
@@ -736,7 +661,7 @@ async fn instances_of_vanished_pools_and_nodes_of_gone_instances_are_collected()
         )
         .await;
     assert_eq!(
-        pool_instances(&cluster, "workers").len(),
+        cluster.pool_instances("workers").len(),
         3,
         "the pool itself is untouched"
     );
@@ -747,7 +672,7 @@ async fn a_burst_starts_the_bin_packed_number_of_standby_nodes_in_one_call() {
     let cluster = TestCluster::start(ClusterOptions::default()).await;
     let operator = cluster.start_operator();
     cluster.apply_yaml(QUICKSTART).await;
-    wait_standby(&cluster, "workers", 3, 3).await;
+    cluster.wait_standby("workers", 3, 3).await;
     let starts_before = cluster.cloud.call_count(Operation::StartInstances);
     // m5.large nodes have 1920m allocatable: two 900m pods per node, so three nodes.
     for i in 0..6 {
@@ -757,15 +682,15 @@ async fn a_burst_starts_the_bin_packed_number_of_standby_nodes_in_one_call() {
             ))
             .await;
     }
-    wait_pods_running(&cluster, 6, Duration::from_secs(30)).await;
-    let starts = starts_since(&cluster, starts_before, "burst of 6");
+    cluster.wait_pods_running(6, Duration::from_secs(30)).await;
+    let starts = cluster.starts_since(starts_before, "burst of 6");
     assert_eq!(starts.len(), 1, "one StartInstances call for the burst");
     assert_eq!(
         starts[0].ids.len(),
         3,
         "exactly the bin-packed number of nodes"
     );
-    let status = pool_status(&cluster, "workers").await.unwrap();
+    let status = cluster.pool_status("workers").await.unwrap();
     let last = status.last_scale_up.expect("lastScaleUp recorded");
     assert_eq!((last.nodes, last.pods), (3, 6));
     cluster
@@ -773,7 +698,7 @@ async fn a_burst_starts_the_bin_packed_number_of_standby_nodes_in_one_call() {
             "running nodes counted and standby replenished",
             Duration::from_secs(30),
             || async {
-                let s = pool_status(&cluster, "workers").await?;
+                let s = cluster.pool_status("workers").await?;
                 (s.running == 3 && s.standby == 3).then_some(())
             },
         )
@@ -840,9 +765,9 @@ async fn scale_to_zero_starts_one_node_and_returns_it_to_standby() {
     cluster
         .apply_yaml(&SCALE_TO_ZERO.replace("emptyNodeTTL: 2m", "emptyNodeTTL: 2s"))
         .await;
-    wait_standby(&cluster, "on-demand", 2, 2).await;
+    cluster.wait_standby("on-demand", 2, 2).await;
     assert_eq!(
-        pool_status(&cluster, "on-demand").await.unwrap().running,
+        cluster.pool_status("on-demand").await.unwrap().running,
         0,
         "no running nodes"
     );
@@ -891,7 +816,7 @@ async fn scale_to_zero_starts_one_node_and_returns_it_to_standby() {
         .await;
     cluster
         .wait_for("no running nodes", Duration::from_secs(30), || async {
-            let s = pool_status(&cluster, "on-demand").await?;
+            let s = cluster.pool_status("on-demand").await?;
             (s.running == 0 && s.draining == 0 && s.standby >= 2).then_some(())
         })
         .await;
@@ -920,7 +845,7 @@ async fn a_pdb_blocked_drain_is_aborted_and_the_node_runs_again() {
                 .replace("drainTimeout: 30s", "drainTimeout: 2s"),
         )
         .await;
-    wait_standby(&cluster, "on-demand", 2, 2).await;
+    cluster.wait_standby("on-demand", 2, 2).await;
     cluster
         .apply_yaml("apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata:\n  name: web\n  namespace: default\nspec:\n  minAvailable: 1\n  selector:\n    matchLabels:\n      app: web\n")
         .await;
@@ -973,19 +898,19 @@ async fn with_standby_exhausted_the_burst_launches_new_nodes_up_to_pool_size() {
     cluster
         .apply_yaml(&QUICKSTART.replace("poolSize: 10", "poolSize: 6"))
         .await;
-    wait_standby(&cluster, "workers", 3, 3).await;
+    cluster.wait_standby("workers", 3, 3).await;
     // Ten 900m pods: two per m5.large, five nodes; three are in standby, two must be launched.
     for i in 0..10 {
         cluster
             .apply_yaml(&pod_yaml(&format!("job-{i}"), "workers", "900m", ""))
             .await;
     }
-    wait_pods_running(&cluster, 10, Duration::from_secs(45)).await;
+    cluster.wait_pods_running(10, Duration::from_secs(45)).await;
     assert!(
-        pool_instances(&cluster, "workers").len() <= 6,
+        cluster.pool_instances("workers").len() <= 6,
         "never above poolSize"
     );
-    let s = pool_status(&cluster, "workers").await.unwrap();
+    let s = cluster.pool_status("workers").await.unwrap();
     println!(
         "after the burst: running={} standby={} warmup={} total={}",
         s.running, s.standby, s.warmup, s.total
@@ -1000,7 +925,7 @@ async fn a_pod_no_pool_can_serve_starts_nothing() {
     let cluster = TestCluster::start(ClusterOptions::default()).await;
     let _operator = cluster.start_operator();
     cluster.apply_yaml(QUICKSTART).await;
-    wait_standby(&cluster, "workers", 3, 3).await;
+    cluster.wait_standby("workers", 3, 3).await;
     cluster
         .apply_yaml(&pod_yaml(
             "misfit",
@@ -1044,9 +969,9 @@ async fn the_standby_node_holding_the_model_image_is_started() {
     cluster
         .apply_yaml(&QUICKSTART.replace("minStandby: 3", "minStandby: 2"))
         .await;
-    wait_standby(&cluster, "workers", 2, 2).await;
+    cluster.wait_standby("workers", 2, 2).await;
     // One standby node ran the model before: its disk holds the image.
-    let instances = pool_instances(&cluster, "workers");
+    let instances = cluster.pool_instances("workers");
     let warm = instances.iter().max_by_key(|i| i.id.clone()).unwrap();
     let nodes: Api<Node> = Api::all(cluster.client.clone());
     nodes
@@ -1093,7 +1018,7 @@ async fn a_crash_mid_scale_up_starts_nothing_twice() {
     let cluster = TestCluster::start(options).await;
     let operator = cluster.start_operator();
     cluster.apply_yaml(QUICKSTART).await;
-    wait_standby(&cluster, "workers", 3, 3).await;
+    cluster.wait_standby("workers", 3, 3).await;
     for i in 0..6 {
         cluster
             .apply_yaml(&pod_yaml(&format!("job-{i}"), "workers", "900m", ""))
@@ -1106,7 +1031,7 @@ async fn a_crash_mid_scale_up_starts_nothing_twice() {
         .await;
     operator.kill();
     let _operator = cluster.start_operator();
-    wait_pods_running(&cluster, 6, Duration::from_secs(30)).await;
+    cluster.wait_pods_running(6, Duration::from_secs(30)).await;
     let started: std::collections::BTreeSet<String> = cluster
         .cloud
         .calls()
@@ -1140,8 +1065,9 @@ async fn a_ci_burst_of_40_jobs_starts_five_nodes_in_one_call_and_they_return_to_
     cluster
         .apply_yaml(&CI_RUNNERS.replace("emptyNodeTTL: 10m", "emptyNodeTTL: 3s"))
         .await;
-    wait_standby(&cluster, "ci-runners", 5, 5).await;
-    let standby: std::collections::BTreeSet<String> = pool_instances(&cluster, "ci-runners")
+    cluster.wait_standby("ci-runners", 5, 5).await;
+    let standby: std::collections::BTreeSet<String> = cluster
+        .pool_instances("ci-runners")
         .into_iter()
         .map(|i| i.id)
         .collect();
@@ -1152,8 +1078,8 @@ async fn a_ci_burst_of_40_jobs_starts_five_nodes_in_one_call_and_they_return_to_
             .apply_yaml(&pod_yaml(&format!("job-{i}"), "ci-runners", "900m", ""))
             .await;
     }
-    wait_pods_running(&cluster, 40, Duration::from_secs(60)).await;
-    let starts = starts_since(&cluster, starts_before, "CI burst of 40 jobs");
+    cluster.wait_pods_running(40, Duration::from_secs(60)).await;
+    let starts = cluster.starts_since(starts_before, "CI burst of 40 jobs");
     // Group commit: a burst marked over a second is served by a handful of calls (SPEC §6).
     assert!(
         (1..=3).contains(&starts.len()),
@@ -1166,7 +1092,7 @@ async fn a_ci_burst_of_40_jobs_starts_five_nodes_in_one_call_and_they_return_to_
         started, standby,
         "exactly the five bin-packed standby nodes"
     );
-    let status = pool_status(&cluster, "ci-runners").await.unwrap();
+    let status = cluster.pool_status("ci-runners").await.unwrap();
     let last = status.last_scale_up.expect("lastScaleUp recorded");
     assert_eq!(
         last.nodes as usize,
@@ -1192,7 +1118,7 @@ async fn a_ci_burst_of_40_jobs_starts_five_nodes_in_one_call_and_they_return_to_
             "the five started nodes stopped in standby",
             Duration::from_secs(60),
             || async {
-                let s = pool_status(&cluster, "ci-runners").await?;
+                let s = cluster.pool_status("ci-runners").await?;
                 let stopped = cluster
                     .cloud
                     .all_instances()
@@ -1224,7 +1150,7 @@ async fn a_pool_without_standby_launches_exactly_what_the_pods_need() {
             "the pool ready and empty",
             Duration::from_secs(20),
             || async {
-                let s = pool_status(&cluster, "workers").await?;
+                let s = cluster.pool_status("workers").await?;
                 (s.total == 0).then_some(())
             },
         )
@@ -1235,13 +1161,13 @@ async fn a_pool_without_standby_launches_exactly_what_the_pods_need() {
             .apply_yaml(&pod_yaml(&format!("job-{i}"), "workers", "1500m", ""))
             .await;
     }
-    wait_pods_running(&cluster, 4, Duration::from_secs(60)).await;
+    cluster.wait_pods_running(4, Duration::from_secs(60)).await;
     // Let a few more rounds pass: nothing more may be launched for these pods.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let launches = launched(&cluster);
+    let launches = cluster.launched();
     println!(
         "launched {launches} for 4 pods; pool instances {}",
-        pool_instances(&cluster, "workers").len()
+        cluster.pool_instances("workers").len()
     );
     assert_eq!(launches, 4, "exactly the bin-packed number of launches");
     cluster.invariants.assert_held().await;
@@ -1252,7 +1178,7 @@ async fn a_new_pool_packs_its_first_launch_by_a_known_node_size() {
     let cluster = TestCluster::start(ClusterOptions::default()).await;
     let _operator = cluster.start_operator();
     cluster.apply_yaml(QUICKSTART).await;
-    wait_standby(&cluster, "workers", 3, 3).await;
+    cluster.wait_standby("workers", 3, 3).await;
     // A second pool of the same class, without standby: no node of its own yet, but the
     // first pool's m5.large nodes tell the size.
     let cold = pool_doc()
@@ -1260,16 +1186,16 @@ async fn a_new_pool_packs_its_first_launch_by_a_known_node_size() {
         .replace("minStandby: 3", "minStandby: 0")
         .replace("stratos.sh/pool: workers", "stratos.sh/pool: cold");
     cluster.apply_yaml(&cold).await;
-    let launched_before = launched(&cluster);
+    let launched_before = cluster.launched();
     // Eight 900m pods: two per m5.large (1920m allocatable), so four nodes.
     for i in 0..8 {
         cluster
             .apply_yaml(&pod_yaml(&format!("job-{i}"), "cold", "900m", ""))
             .await;
     }
-    wait_pods_running(&cluster, 8, Duration::from_secs(60)).await;
+    cluster.wait_pods_running(8, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let launches = launched(&cluster) - launched_before;
+    let launches = cluster.launched() - launched_before;
     println!("launched {launches} for 8 pods of 900m");
     assert_eq!(launches, 4, "bin-packed by the known node size");
     cluster.invariants.assert_held().await;

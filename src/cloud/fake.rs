@@ -142,6 +142,9 @@ struct State {
     next_id: u64,
     tokens: HashMap<String, (LaunchRequestKey, Vec<String>)>,
     faults: HashMap<Operation, VecDeque<Fault>>,
+    /// Per-instance faults that stay until cleared (EC2's capacity for one instance type
+    /// in one zone running out).
+    sticky: HashMap<(Operation, String), Fault>,
     calls: Vec<CallRecord>,
     subnets: BTreeMap<String, String>,
     images: Vec<String>,
@@ -180,6 +183,15 @@ impl FakeCloud {
             epoch: (Instant::now(), SystemTime::now()),
             observer: Mutex::new(None),
         }
+    }
+
+    /// Makes `op` fail for instance `id` (alone in its batch) until [`FakeCloud::clear_sticky`].
+    pub fn inject_sticky(&self, op: Operation, id: &str, fault: Fault) {
+        self.lock().sticky.insert((op, id.to_owned()), fault);
+    }
+
+    pub fn clear_sticky(&self) {
+        self.lock().sticky.clear();
     }
 
     /// What a call waits before it is answered: its bucket's token, then the API latency.
@@ -451,6 +463,7 @@ impl FakeCloud {
         let now = Instant::now();
         let mut outcome = BatchOutcome::default();
         for id in ids {
+            let sticky = state.sticky.get(&(op, id.clone())).map(|f| f.error(op));
             let result = match state.instances.get_mut(id) {
                 None => Err(CloudError::NotFound(format!(
                     "InvalidInstanceID.NotFound: The instance ID '{id}' does not exist"
@@ -461,6 +474,7 @@ impl FakeCloud {
                         cfg.cluster
                     )))
                 }
+                Some(_) if sticky.is_some() => Err(sticky.expect("checked")),
                 Some(inst) => apply(inst, &cfg, now),
             };
             match result {

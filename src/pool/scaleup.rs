@@ -482,3 +482,346 @@ pub fn plan_scale_up(pods: &[PendingPod], pools: &[PoolCandidate], cluster: &Clu
         awaiting_stop,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::{
+        placement::{HOSTNAME, PlacedPod},
+        quantity::ONE,
+    };
+    use serde_json::json;
+
+    fn res(cpu_milli: i128) -> Resources {
+        Resources::from([
+            ("cpu".to_owned(), cpu_milli),
+            ("memory".to_owned(), 1024i128.pow(3) * ONE),
+            ("pods".to_owned(), ONE),
+        ])
+    }
+
+    fn pod(key: &str, cpu_milli: i128, spec: serde_json::Value) -> PendingPod {
+        let mut spec = spec;
+        if spec.get("containers").is_none() {
+            spec["containers"] = json!([{"name": "c", "image": "app:1"}]);
+        }
+        let spec: PodSpec = serde_json::from_value(spec).unwrap();
+        let labels = BTreeMap::from([("app".to_owned(), "web".to_owned())]);
+        PendingPod {
+            key: key.into(),
+            placement: PodPlacement::new("ns", labels, &spec),
+            spec,
+            requests: Some(res(cpu_milli)),
+            images: BTreeSet::new(),
+            volume_zone: None,
+        }
+    }
+
+    fn node(id: &str, zone: &str, cpu_milli: i128) -> CandidateNode {
+        let mut free = res(cpu_milli);
+        free.insert("memory".into(), 30 * 1024i128.pow(3) * ONE);
+        free.insert("pods".into(), 29 * ONE);
+        CandidateNode {
+            instance_id: id.into(),
+            node_name: format!("ip-{id}"),
+            zone: zone.into(),
+            labels: BTreeMap::from([("pool".to_owned(), "ci".to_owned())]),
+            free: Some(free),
+            images: BTreeSet::new(),
+            last_used: None,
+            stopping: false,
+        }
+    }
+
+    fn pool(name: &str, standby: Vec<CandidateNode>) -> PoolCandidate {
+        PoolCandidate {
+            name: name.into(),
+            labels: BTreeMap::from([("pool".to_owned(), "ci".to_owned())]),
+            standby,
+            zones: vec!["a".into(), "b".into()],
+            node_size: Some(node("size", "a", 8000).free.unwrap()),
+            ..Default::default()
+        }
+    }
+
+    fn nodes(n: usize) -> Vec<CandidateNode> {
+        (0..n)
+            .map(|i| node(&format!("i-{i}"), ["a", "b"][i % 2], 8000))
+            .collect()
+    }
+
+    fn decide(pods: &[PendingPod], pools: &[PoolCandidate]) -> ScaleUp {
+        plan_scale_up(pods, pools, &Cluster::default())
+    }
+
+    fn anti_hostname() -> serde_json::Value {
+        json!({"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+            {"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": HOSTNAME}]}}})
+    }
+
+    #[test]
+    fn a_burst_starts_exactly_the_bin_packed_number_of_nodes_in_one_list() {
+        // 40 pods of 1.5 CPU on 8-CPU nodes: 5 per node, so 8 nodes.
+        let pods: Vec<PendingPod> = (0..40)
+            .map(|i| pod(&format!("ci/job-{i:02}"), 1500, json!({})))
+            .collect();
+        let plan = decide(&pods, &[pool("ci", nodes(20))]);
+        assert_eq!(plan.starts().len(), 8);
+        assert_eq!(plan.pools[0].pods.len(), 40);
+        assert_eq!(plan.pools[0].launch, 0);
+        assert!(plan.unserved.is_empty());
+        // First-fit decreasing: mixed sizes pack tighter than arrival order would.
+        let mixed: Vec<PendingPod> = [1000, 7000, 1000, 7000, 1000]
+            .iter()
+            .enumerate()
+            .map(|(i, c)| pod(&format!("p{i}"), *c, json!({})))
+            .collect();
+        assert_eq!(decide(&mixed, &[pool("ci", nodes(5))]).starts().len(), 3);
+    }
+
+    #[test]
+    fn starting_nodes_cover_pods_first_and_running_nodes_are_not_room() {
+        let pods: Vec<PendingPod> = (0..5)
+            .map(|i| pod(&format!("p{i}"), 1500, json!({})))
+            .collect();
+        let mut p = pool("ci", nodes(3));
+        p.starting = vec![node("i-starting", "a", 8000)];
+        let plan = decide(&pods, &[p]);
+        assert!(plan.starts().is_empty(), "{plan:?}");
+        assert_eq!(plan.pools[0].pods.len(), 5);
+        assert!(plan.placements.iter().all(|(_, n)| n == "ip-i-starting"));
+    }
+
+    #[test]
+    fn standby_choice_images_then_zone_then_most_recently_used() {
+        let mut llm = pod("llm/serve", 4000, json!({}));
+        llm.images = BTreeSet::from(["llama-3:70b".to_owned()]);
+        let mut warm = node("i-warm", "a", 8000);
+        warm.images = llm.images.clone();
+        let mut cold = node("i-cold", "a", 8000);
+        cold.last_used = Some(SystemTime::now());
+        assert_eq!(
+            decide(&[llm], &[pool("p", vec![cold, warm])]).starts(),
+            ["i-warm"]
+        );
+
+        let two: Vec<PendingPod> = (0..2)
+            .map(|i| pod(&format!("p{i}"), 6000, json!({})))
+            .collect();
+        let at = |s: u64| Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s));
+        let mut a_old = node("i-a-old", "a", 8000);
+        a_old.last_used = at(1);
+        let mut a_new = node("i-a-new", "a", 8000);
+        a_new.last_used = at(50);
+        let mut b_old = node("i-b-old", "b", 8000);
+        b_old.last_used = at(2);
+        assert_eq!(
+            decide(&two, &[pool("p", vec![a_old, a_new, b_old])]).starts(),
+            ["i-a-new", "i-b-old"]
+        );
+    }
+
+    #[test]
+    fn a_pod_two_pools_could_serve_is_served_by_one() {
+        let one = [pod("p0", 1000, json!({"nodeSelector": {"pool": "ci"}}))];
+        // Both have standby: the first by name starts one node, the other nothing.
+        let plan = decide(&one, &[pool("b", nodes(2)), pool("a", nodes(2))]);
+        assert_eq!(plan.starts().len(), 1);
+        assert_eq!(plan.pools.len(), 1);
+        assert_eq!(plan.pools[0].pool, "a");
+        assert_eq!(
+            plan.wanted,
+            BTreeSet::from(["a".to_owned(), "b".to_owned()])
+        );
+        // Standby exhausted in both: exactly one launch, in one pool.
+        let mut a = pool("a", vec![]);
+        a.launch_room = 3;
+        let mut b = pool("b", vec![]);
+        b.launch_room = 3;
+        let plan = decide(&one, &[a, b]);
+        let launches: Vec<(String, usize)> = plan
+            .pools
+            .iter()
+            .map(|p| (p.pool.clone(), p.launch))
+            .collect();
+        assert_eq!(launches, [("a".to_owned(), 1)]);
+        // A pool with standby room wins over launching in the first.
+        let mut a = pool("a", vec![]);
+        a.launch_room = 3;
+        let plan = decide(&one, &[a, pool("b", nodes(1))]);
+        assert_eq!(plan.starts(), ["i-0"]);
+        assert!(plan.pools.iter().all(|p| p.launch == 0));
+    }
+
+    #[test]
+    fn selectors_and_taints_pick_the_pool() {
+        let gpu_taint: Taint =
+            serde_json::from_value(json!({"key": "gpu", "value": "true", "effect": "NoSchedule"}))
+                .unwrap();
+        let mut gpu = pool("gpu", vec![node("i-g", "a", 8000)]);
+        gpu.taints = vec![gpu_taint];
+        gpu.labels.insert("pool".into(), "gpu".into());
+        gpu.standby[0].labels.insert("pool".into(), "gpu".into());
+        let pools = [gpu, pool("ci", nodes(1))];
+        let plain = pod("plain", 1000, json!({}));
+        let tolerant = pod(
+            "tolerant",
+            1000,
+            json!({"nodeSelector": {"pool": "gpu"}, "tolerations": [{"key": "gpu", "operator": "Exists"}]}),
+        );
+        let intolerant = pod("intolerant", 1000, json!({"nodeSelector": {"pool": "gpu"}}));
+        let plan = decide(&[plain, tolerant, intolerant], &pools);
+        let served: BTreeMap<&str, &str> = plan
+            .placements
+            .iter()
+            .map(|(p, n)| (p.as_str(), n.as_str()))
+            .collect();
+        assert_eq!(served["plain"], "ip-i-0");
+        assert_eq!(served["tolerant"], "ip-i-g");
+        assert_eq!(
+            plan.unserved,
+            [("intolerant".to_owned(), Unserved::NoMatchingPool)]
+        );
+    }
+
+    #[test]
+    fn anti_affinity_opens_a_node_per_replica_counting_earlier_placements() {
+        // Three replicas, hostname anti-affinity, one already running: two standby nodes,
+        // not one with room for all.
+        let replicas: Vec<PendingPod> = (1..3)
+            .map(|i| pod(&format!("web-{i}"), 500, anti_hostname()))
+            .collect();
+        let cluster = Cluster {
+            placed: vec![PlacedPod {
+                namespace: "ns".into(),
+                labels: BTreeMap::from([("app".to_owned(), "web".to_owned())]),
+                node: "running-1".into(),
+                zone: Some("a".into()),
+                anti_affinity: replicas[0]
+                    .placement
+                    .placed_at(&Spot {
+                        node: String::new(),
+                        zone: None,
+                    })
+                    .anti_affinity,
+                host_ports: vec![],
+            }],
+            zones: BTreeSet::from(["a".to_owned(), "b".to_owned()]),
+        };
+        let plan = plan_scale_up(&replicas, &[pool("web", nodes(3))], &cluster);
+        assert_eq!(plan.starts().len(), 2);
+        // Against a pod on a starting node: that node is no room for a second replica.
+        let mut p = pool("web", nodes(1));
+        p.starting = vec![node("i-starting", "a", 8000)];
+        let cluster = Cluster {
+            placed: vec![PlacedPod {
+                node: "ip-i-starting".into(),
+                ..cluster.placed[0].clone()
+            }],
+            ..cluster
+        };
+        let plan = plan_scale_up(&replicas[..1], &[p], &cluster);
+        assert_eq!(plan.starts(), ["i-0"]);
+    }
+
+    #[test]
+    fn a_zonal_volume_needs_a_node_of_its_zone() {
+        let mut pinned = pod("db", 1000, json!({}));
+        pinned.volume_zone = Some("b".into());
+        let plan = decide(
+            std::slice::from_ref(&pinned),
+            &[pool(
+                "p",
+                vec![node("i-a", "a", 8000), node("i-b", "b", 8000)],
+            )],
+        );
+        assert_eq!(plan.starts(), ["i-b"]);
+        // Standby only in the wrong zone: a launch, in the volume's zone.
+        let mut p = pool("p", vec![node("i-a", "a", 8000)]);
+        p.launch_room = 1;
+        let plan = decide(&[pinned.clone()], &[p]);
+        assert!(plan.starts().is_empty());
+        assert_eq!(plan.pools[0].launch, 1);
+        assert_eq!(plan.placements[0].1, "p/launch-0");
+        // No zone of the pool's: nothing to do but say why.
+        let mut p = pool("p", vec![node("i-a", "a", 8000)]);
+        p.zones = vec!["a".into()];
+        p.launch_room = 1;
+        let plan = decide(&[pinned], &[p]);
+        assert_eq!(plan.unserved.len(), 1);
+    }
+
+    #[test]
+    fn warming_nodes_are_handed_over_only_after_standby_and_launches_fill_the_rest() {
+        let pods: Vec<PendingPod> = (0..3)
+            .map(|i| pod(&format!("p{i}"), 6000, json!({})))
+            .collect();
+        let mut p = pool("p", vec![node("i-standby", "a", 8000)]);
+        p.warming = vec![node("i-warming", "a", 8000)];
+        p.launch_room = 5;
+        let plan = decide(&pods, &[p]);
+        let scale = &plan.pools[0];
+        assert_eq!(scale.start, ["i-standby"]);
+        assert_eq!(scale.handoff, 1);
+        assert_eq!(scale.launch, 1);
+        // A launched instance not registered yet (size unknown) takes one pod.
+        let mut p = pool("p", vec![]);
+        p.warming = vec![CandidateNode {
+            free: None,
+            ..node("i-new", "a", 8000)
+        }];
+        p.launch_room = 5;
+        let plan = decide(&pods, &[p]);
+        assert_eq!((plan.pools[0].handoff, plan.pools[0].launch), (1, 2));
+    }
+
+    #[test]
+    fn a_stopping_standby_node_is_room_but_starts_later() {
+        let mut n = node("i-stopping", "a", 8000);
+        n.stopping = true;
+        let mut p = pool("p", vec![n]);
+        p.launch_room = 3;
+        let plan = decide(&[pod("p0", 1000, json!({}))], &[p]);
+        assert!(plan.starts().is_empty());
+        assert_eq!(plan.awaiting_stop, ["i-stopping"]);
+        assert_eq!(plan.pools[0].launch, 0, "nothing launched for it");
+    }
+
+    #[test]
+    fn unserved_pods_say_why() {
+        let mut small = pool("p", nodes(1));
+        small.launch_room = 0;
+        let huge = pod("huge", 64_000, json!({}));
+        let extra = pod("extra", 6000, json!({}));
+        let first = pod("first", 7000, json!({}));
+        let mut bad = pod("bad", 1000, json!({}));
+        bad.requests = None;
+        let ported = pod(
+            "ported",
+            100,
+            json!({"containers": [{"name": "c", "image": "i", "ports": [{"containerPort": 80, "hostPort": 80}]}]}),
+        );
+        let cluster = Cluster {
+            placed: vec![PlacedPod {
+                node: "ip-i-0".into(),
+                host_ports: vec![("TCP".into(), 80)],
+                ..Default::default()
+            }],
+            zones: BTreeSet::new(),
+        };
+        let plan = plan_scale_up(&[huge, first, extra, bad, ported], &[small], &cluster);
+        let reasons: BTreeMap<&str, Unserved> = plan
+            .unserved
+            .iter()
+            .map(|(k, r)| (k.as_str(), *r))
+            .collect();
+        assert_eq!(reasons["huge"], Unserved::TooLarge);
+        assert_eq!(reasons["extra"], Unserved::Exhausted);
+        assert_eq!(reasons["bad"], Unserved::InvalidRequests);
+        assert_eq!(
+            reasons["ported"],
+            Unserved::Constraint(Constraint::HostPorts)
+        );
+        assert!(!reasons.contains_key("first"));
+    }
+}

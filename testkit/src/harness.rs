@@ -20,7 +20,8 @@ use stratos::{
     api::NodePool,
     cloud::{
         CloudProvider,
-        fake::{FakeCloud, FakeCloudConfig},
+        fake::{CallRecord, FakeCloud, FakeCloudConfig},
+        ratelimit::Operation,
         tags,
     },
     controller::OperatorConfig,
@@ -366,6 +367,80 @@ impl TestCluster {
             };
             result.unwrap_or_else(|e| panic!("apply {kind}/{name}: {e}"));
         }
+    }
+
+    /// The status of this test's pool `name`.
+    pub async fn pool_status(&self, name: &str) -> Option<stratos::api::NodePoolStatus> {
+        Api::<NodePool>::all(self.client.clone())
+            .get_opt(&self.name(name))
+            .await
+            .ok()??
+            .status
+    }
+
+    /// Waits until pool `pool` has `standby` standby nodes of `total`, none warming.
+    pub async fn wait_standby(&self, pool: &str, standby: i32, total: i32) {
+        self.wait_for(
+            &format!("{pool}: {standby} standby of {total}"),
+            Duration::from_secs(30),
+            || async {
+                let s = self.pool_status(pool).await?;
+                (s.standby == standby && s.total == total && s.warmup == 0).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// The live instances of this test's pool `pool`.
+    pub fn pool_instances(&self, pool: &str) -> Vec<stratos::cloud::Instance> {
+        let name = self.name(pool);
+        self.cloud
+            .all_instances()
+            .into_iter()
+            .filter(|i| i.tag(tags::POOL) == Some(name.as_str()) && i.state.is_live())
+            .collect()
+    }
+
+    /// Instances launched so far.
+    pub fn launched(&self) -> usize {
+        self.cloud
+            .calls()
+            .iter()
+            .filter(|c| c.operation == Operation::RunInstances)
+            .map(|c| c.ids.len())
+            .sum()
+    }
+
+    /// The StartInstances calls after the first `before`, logged with the nodes each started.
+    pub fn starts_since(&self, before: usize, what: &str) -> Vec<CallRecord> {
+        let starts: Vec<_> = self
+            .cloud
+            .calls()
+            .into_iter()
+            .filter(|c| c.operation == Operation::StartInstances)
+            .skip(before)
+            .collect();
+        println!(
+            "{what}: StartInstances calls: {}, nodes started: {:?}",
+            starts.len(),
+            starts.iter().map(|c| c.ids.len()).collect::<Vec<_>>()
+        );
+        starts
+    }
+
+    /// Waits until `n` of this test's pods run.
+    pub async fn wait_pods_running(&self, n: usize, timeout: Duration) {
+        let pods = self.pods();
+        self.wait_for(&format!("{n} pods running"), timeout, || async {
+            let list = pods.list(&ListParams::default()).await.ok()?;
+            let running = list
+                .items
+                .iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .count();
+            (running == n).then_some(())
+        })
+        .await;
     }
 
     /// Waits until this test's pod `name` runs; returns its node.
