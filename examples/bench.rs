@@ -6,8 +6,11 @@
 //!
 //! `decision`: 10 pools with enough standby capacity; a burst of 1,000 pending pods. For
 //! each pod, the time from the scheduler marking it unschedulable (as a watch sees it) to
-//! the StartInstances call that serves its pool; the StartInstances calls per pool; the
-//! DescribeInstances listings meanwhile. Targets: p99 < 250 ms, at most one start per pool.
+//! the StartInstances call that serves its pool; the StartInstances calls (one carries
+//! every pool's ids); the DescribeInstances listings meanwhile. FakeCloud sits behind EC2's
+//! request buckets, the scheduler marks the burst over about a second, and the operator
+//! runs with production timings. Targets (SPEC §12): p99 ≤ 100 ms, ≤ 3 StartInstances, no
+//! DescribeInstances during the burst.
 //!
 //! `memory`: 5,000 nodes and 50,000 pods in the API server, then the real `stratos run`
 //! binary (EC2 pointed at moto) syncs its caches; its RSS is read from /proc. Target:
@@ -30,7 +33,10 @@ use kube::{
 };
 use serde_json::json;
 use stratos::cloud::{ratelimit::Operation, tags};
-use testkit::harness::{ClusterOptions, TestCluster};
+use testkit::{
+    harness::{ClusterOptions, TestCluster},
+    scheduler::SchedulerOptions,
+};
 use tokio::time::Instant;
 
 const POOLS: usize = 10;
@@ -66,8 +72,22 @@ fn ms(d: Duration) -> String {
 }
 
 async fn decision() -> bool {
-    let cluster = TestCluster::start(ClusterOptions::default()).await;
-    let _operator = cluster.start_operator();
+    // What production has: EC2's request buckets in front of the fake, a scheduler that
+    // marks the burst over about a second, and the operator's production timings.
+    let mut options = ClusterOptions {
+        scheduler: SchedulerOptions {
+            api_qps: Some(1000.0),
+            api_burst: 100,
+        },
+        ..Default::default()
+    };
+    options.cloud.limits = Some(stratos::cloud::ratelimit::Limits::default());
+    let cluster = TestCluster::start(options).await;
+    let production = stratos::controller::OperatorConfig::new("bench");
+    let _operator = cluster.start_operator_with(|c| {
+        c.listing_ttl = production.listing_ttl;
+        c.resync = production.resync;
+    });
     let mut yaml = String::new();
     for i in 0..POOLS {
         yaml.push_str(&format!(
@@ -166,27 +186,30 @@ async fn decision() -> bool {
         .into_iter()
         .skip(calls_before)
         .collect();
+    // One StartInstances carries every pool's ids: each pool's share of each call.
     let mut starts_by_pool: BTreeMap<String, Vec<(Instant, usize)>> = BTreeMap::new();
-    for c in calls
+    let start_calls: Vec<_> = calls
         .iter()
         .filter(|c| c.operation == Operation::StartInstances)
-    {
-        let pool = c
-            .ids
-            .first()
-            .and_then(|id| instance_pool.get(id))
-            .cloned()
-            .unwrap_or_default();
-        starts_by_pool
-            .entry(pool)
-            .or_default()
-            .push((c.at, c.ids.len()));
+        .collect();
+    for c in &start_calls {
+        let mut per_pool: BTreeMap<String, usize> = BTreeMap::new();
+        for id in &c.ids {
+            let pool = instance_pool.get(id).cloned().unwrap_or_default();
+            *per_pool.entry(pool).or_default() += 1;
+        }
+        for (pool, n) in per_pool {
+            starts_by_pool.entry(pool).or_default().push((c.at, n));
+        }
     }
+    let marked = marked.lock().unwrap().clone();
+    // Listings between the first pod marked and the last start: the burst.
+    let burst_window = marked.values().min().zip(start_calls.last().map(|c| c.at));
     let describes = calls
         .iter()
         .filter(|c| c.operation == Operation::DescribeInstances)
+        .filter(|c| burst_window.is_some_and(|(from, to)| c.at >= *from && c.at <= to))
         .count();
-    let marked = marked.lock().unwrap().clone();
     if let (Some(first), Some(last)) = (marked.values().min(), marked.values().max()) {
         println!(
             "decision: the scheduler marked the pods unschedulable from {:.2}s to {:.2}s after the burst began",
@@ -226,7 +249,7 @@ async fn decision() -> bool {
             );
         }
     }
-    let max_starts = starts_by_pool.values().map(Vec::len).max().unwrap_or(0);
+
     let nodes: usize = starts_by_pool
         .values()
         .flat_map(|s| s.iter().map(|(_, n)| n))
@@ -240,23 +263,24 @@ async fn decision() -> bool {
         unserved
     );
     println!(
-        "decision: StartInstances calls per pool: {:?} ({} nodes); DescribeInstances during the burst: {describes}",
-        starts_by_pool
-            .iter()
-            .map(|(p, s)| (p.as_str(), s.len()))
-            .collect::<Vec<_>>(),
+        "decision: StartInstances calls: {} (nodes per call {:?}, {} nodes); DescribeInstances during the burst: {describes}",
+        start_calls.len(),
+        start_calls.iter().map(|c| c.ids.len()).collect::<Vec<_>>(),
         nodes
     );
     cluster.invariants.assert_held().await;
     println!("decision: SPEC §11 invariants held");
-    let ok = percentile(&latencies, 0.99) < Duration::from_millis(250)
-        && max_starts <= 1
-        && unserved == 0;
+    let p99 = percentile(&latencies, 0.99) <= Duration::from_millis(100);
+    let few_calls = start_calls.len() <= 3;
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     println!(
-        "decision: target p99 < 250 ms and ≤ 1 StartInstances per pool: {}",
-        if ok { "met" } else { "NOT met" }
+        "decision: p99 ≤ 100 ms: {} · ≤ 3 StartInstances: {} · no DescribeInstances during the burst: {} · every pod served: {}",
+        verdict(p99),
+        verdict(few_calls),
+        verdict(describes == 0),
+        verdict(unserved == 0)
     );
-    ok
+    p99 && few_calls && describes == 0 && unserved == 0
 }
 
 fn stratos_binary() -> Option<PathBuf> {

@@ -276,6 +276,12 @@ impl TestCluster {
     /// FakeCloud. Dropping (or [`Operator::kill`]ing) the handle stops them at once, like a
     /// crashed pod.
     pub fn start_operator(&self) -> Operator {
+        self.start_operator_with(|_| {})
+    }
+
+    /// [`TestCluster::start_operator`] with the test's settings adjusted by `adjust` (e.g.
+    /// production's listing TTL for a benchmark).
+    pub fn start_operator_with(&self, adjust: impl FnOnce(&mut OperatorConfig)) -> Operator {
         // The operator's own clients, named like the binary's, so audits can tell its calls.
         let mut operator_config = self.config.clone();
         stratos::preflight::identify(&mut operator_config);
@@ -291,6 +297,7 @@ impl TestCluster {
         config.node_gc_grace = Duration::from_secs(5);
         config.prepull_namespace = self.namespace.clone();
         config.pool_selector = Some(format!("{TEST_LABEL}={}", self.id));
+        adjust(&mut config);
         let cloud: Arc<dyn CloudProvider> = self.cloud.clone();
         let metrics = Arc::new(PoolMetrics::detached());
         let task = tokio::spawn(stratos::controller::run(
