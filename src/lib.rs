@@ -6,6 +6,7 @@
 pub mod api;
 pub mod cloud;
 pub mod config;
+pub mod contract;
 pub mod controller;
 pub mod http;
 pub mod leader;

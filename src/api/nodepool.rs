@@ -12,10 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::duration::Duration;
 
-/// Label carrying the pool name on every node (and tag on every instance) of a pool.
-pub const POOL_LABEL: &str = "stratos.sh/pool";
-/// Label mirroring the node's lifecycle state.
-pub const STATE_LABEL: &str = "stratos.sh/state";
+pub use crate::contract::{POOL_LABEL, STATE_LABEL};
 
 /// NodePool keeps a pool of pre-warmed instances: launched once, warmed, stopped, and
 /// started again on demand.

@@ -18,13 +18,7 @@ use crate::api::awsnodeclass::{
 };
 
 /// Tag and label keys of the instance/node contract (SPEC §4).
-pub mod tags {
-    pub const CLUSTER: &str = "stratos.sh/cluster";
-    pub const POOL: &str = "stratos.sh/pool";
-    pub const NODECLASS_HASH: &str = "stratos.sh/nodeclass-hash";
-    pub const STATE: &str = "stratos.sh/state";
-    pub const NAME: &str = "Name";
-}
+pub use crate::contract::tags;
 
 /// At most this many ids go into one Start/Stop/Terminate call (EC2's own limit).
 pub const MAX_IDS_PER_CALL: usize = 1000;

@@ -24,7 +24,7 @@ use crate::{
     cloud::{CloudError, NodeClassCheck, NodeClassRefs},
 };
 
-pub const FINALIZER: &str = "stratos.sh/nodeclass-in-use";
+pub use crate::contract::CLASS_FINALIZER as FINALIZER;
 const RECHECK_READY: Duration = Duration::from_secs(300);
 const RECHECK_NOT_READY: Duration = Duration::from_secs(30);
 

@@ -45,8 +45,9 @@ use crate::{
     },
 };
 
-pub const FINALIZER: &str = "stratos.sh/nodepool";
-pub const STANDBY_TAINT: &str = "stratos.sh/standby";
+pub use crate::contract::{
+    DRAINING_SINCE, EMPTY_SINCE, POOL_FINALIZER as FINALIZER, STANDBY_TAINT,
+};
 const FIELD_MANAGER: &str = "stratos";
 const WARMUP_RESULTS: [&str; 4] = [
     "completed",
@@ -211,9 +212,6 @@ fn node_view(
         start_requested: annotation_time(node, super::scaleup::LAST_USED_ANNOTATION),
     }
 }
-
-pub const EMPTY_SINCE: &str = "stratos.sh/empty-since";
-pub const DRAINING_SINCE: &str = "stratos.sh/draining-since";
 
 fn annotation_time(node: &Node, key: &str) -> Option<SystemTime> {
     node.annotations()
@@ -419,57 +417,25 @@ async fn patch_node(ctx: &Context, node: &Node, patch: serde_json::Value) -> Res
     Ok(())
 }
 
-/// The node's taints without the standby taint: what a node leaving standby keeps.
-pub(crate) fn taints_out_of_standby(node: &Node) -> Vec<Taint> {
+fn node_taints(node: &Node) -> Vec<Taint> {
     node.spec
         .as_ref()
         .and_then(|s| s.taints.clone())
         .unwrap_or_default()
-        .into_iter()
-        .filter(|t| t.key != STANDBY_TAINT)
-        .collect()
 }
 
-fn standby_taints(pool: &NodePool, node: &Node) -> Vec<Taint> {
-    let startup = startup_taint_keys(pool);
-    let mut taints: Vec<Taint> = node
-        .spec
-        .as_ref()
-        .and_then(|s| s.taints.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|t| t.key != STANDBY_TAINT && !startup.contains(&t.key))
-        .collect();
-    taints.push(Taint {
-        key: STANDBY_TAINT.into(),
-        value: Some("true".into()),
-        effect: "NoSchedule".into(),
-        time_added: None,
-    });
-    taints.extend(pool.spec.template.startup_taints.iter().cloned());
-    taints.extend(
-        pool.spec
-            .template
-            .taints
-            .iter()
-            .filter(|t| !taints_contain(&pool.spec.template.startup_taints, t))
-            .cloned(),
-    );
-    dedup_taints(taints)
+/// The node's taints without the standby taint: what a node leaving standby keeps.
+pub(crate) fn taints_out_of_standby(node: &Node) -> Vec<Taint> {
+    crate::pool::taints::out_of_standby(&node_taints(node))
 }
 
-fn taints_contain(list: &[Taint], t: &Taint) -> bool {
-    list.iter().any(|x| x.key == t.key && x.effect == t.effect)
-}
-
-fn dedup_taints(taints: Vec<Taint>) -> Vec<Taint> {
-    let mut out: Vec<Taint> = Vec::new();
-    for t in taints {
-        if !taints_contain(&out, &t) {
-            out.push(t);
-        }
-    }
-    out
+/// What a node of `pool` carries once back in standby.
+pub(crate) fn standby_taints(pool: &NodePool, node: &Node) -> Vec<Taint> {
+    crate::pool::taints::standby_taints(
+        &node_taints(node),
+        &pool.spec.template.taints,
+        &pool.spec.template.startup_taints,
+    )
 }
 
 async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> Vec<Error> {
@@ -893,10 +859,8 @@ async fn converge_nodes(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Pla
         }
         let mut patch = json!({"metadata": {"labels": want}});
         if remove_startup {
-            let kept: Vec<&Taint> = taints
-                .iter()
-                .filter(|t| !startup.contains(&t.key))
-                .collect();
+            let kept =
+                crate::pool::taints::without_startup(&taints, &pool.spec.template.startup_taints);
             patch["spec"] = json!({"taints": kept});
         }
         if cordon {

@@ -34,8 +34,7 @@ use crate::{
     },
 };
 
-/// When a node was last started, for most-recently-used ordering and start → Ready.
-pub const LAST_USED_ANNOTATION: &str = "stratos.sh/last-used";
+pub use crate::contract::LAST_USED as LAST_USED_ANNOTATION;
 
 /// The idle gap that ends a batch: pods the scheduler marks within it join the decision.
 const IDLE_GAP: Duration = Duration::from_millis(20);
@@ -52,7 +51,7 @@ const CACHE_CATCH_UP: Duration = Duration::from_secs(30);
 const START_BACKOFF: Duration = Duration::from_secs(120);
 /// Pods served by a start are not counted again until their node has been running and
 /// schedulable this long (kube-scheduler retries on the node's update)…
-const SETTLE: Duration = Duration::from_secs(10);
+const SETTLE: Duration = Duration::from_secs(15);
 /// …or this long after the start, whatever happened.
 const IN_FLIGHT_LIMIT: Duration = Duration::from_secs(180);
 
@@ -177,11 +176,20 @@ fn observe_scheduled(ctx: &Context, memory: &mut Memory) {
         });
 }
 
-/// Allocatable less the requests of the pods on the node (finished ones aside).
-pub(crate) fn node_free(node: &Node, pods_on_node: &[Arc<CachedPod>]) -> Option<Resources> {
+/// Allocatable less the requests of the pods on the node (finished ones aside; and, for a
+/// stopped node, those being deleted: its kubelet removes them as it boots).
+pub(crate) fn node_free(
+    node: &Node,
+    pods_on_node: &[Arc<CachedPod>],
+    stopped: bool,
+) -> Option<Resources> {
     let allocatable = node.status.as_ref()?.allocatable.as_ref()?;
     let mut free = quantity::parse_all(allocatable.iter().map(|(k, v)| (k, v.0.as_str()))).ok()?;
-    for pod in pods_on_node.iter().filter(|p| !p.finished()) {
+    let holds = |p: &&Arc<CachedPod>| {
+        let gone_at_boot = stopped && p.metadata.deletion_timestamp.is_some();
+        !p.finished() && !gone_at_boot
+    };
+    for pod in pods_on_node.iter().filter(holds) {
         if let Some(r) = &pod.requests {
             quantity::take(&mut free, r);
         }
@@ -198,6 +206,39 @@ fn node_of_instance(node: &Node) -> Option<String> {
         .and_then(parse_provider_id)?
         .1;
     Some(id.to_owned())
+}
+
+/// Whether the node turned Ready less than [`SETTLE`] ago.
+fn just_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready" && c.status == "True"))
+        .and_then(|c| c.last_transition_time.as_ref())
+        .and_then(|t| SystemTime::now().duration_since(SystemTime::from(t.0)).ok())
+        .is_some_and(|age| age < SETTLE)
+}
+
+/// A cordon, or a taint that is neither the pool's nor one coming off by itself (startup,
+/// node lifecycle): something other than room keeps pods off this node.
+fn kept_off(node: &Node, pool: &NodePool) -> bool {
+    let spec = node.spec.clone().unwrap_or_default();
+    let known = |key: &str| {
+        key.starts_with("node.kubernetes.io/")
+            || pool.spec.template.taints.iter().any(|t| t.key == key)
+            || pool
+                .spec
+                .template
+                .startup_taints
+                .iter()
+                .any(|t| t.key == key)
+    };
+    spec.unschedulable == Some(true)
+        || spec
+            .taints
+            .unwrap_or_default()
+            .iter()
+            .any(|t| !known(&t.key))
 }
 
 fn zone_of(node: &Node) -> Option<String> {
@@ -361,6 +402,7 @@ fn gather(
                         .get(&n.name_any())
                         .map(Vec::as_slice)
                         .unwrap_or_default(),
+                    matches!(inst.state, InstanceState::Stopped | InstanceState::Stopping),
                 ),
                 None => node_size.clone(),
             };
@@ -399,6 +441,14 @@ fn gather(
                 memory.started.contains_key(&inst.id) && state != Some(NodeState::Running);
             match (state, inst.state) {
                 (Some(NodeState::Starting), _) => candidate.starting.push(cand),
+                // Ready moments ago: kube-scheduler has not had its chance yet (it retries
+                // refused pods with a back-off of up to 10 s), so its room is still coming —
+                // unless someone else's taint or a cordon keeps pods off it.
+                (Some(NodeState::Running), _)
+                    if node.is_some_and(|n| just_ready(n) && !kept_off(n, &pool)) =>
+                {
+                    candidate.starting.push(cand)
+                }
                 _ if just_started => candidate.starting.push(cand),
                 // A stopping one is room too, started once stopped (EC2 refuses it before).
                 (Some(NodeState::Standby), InstanceState::Stopped | InstanceState::Stopping)
@@ -522,7 +572,7 @@ async fn start_all(
         let pool = pool_of.get(id.as_str()).copied().unwrap_or_default();
         tracing::warn!(pool, instance = %id, error = %e, "start failed; back to standby, deciding again without it");
         if let Some(node) = snap.nodes_by_instance.get(id) {
-            back_to_standby(&api, pool, node).await;
+            back_to_standby(&api, snap.pool_objects.get(pool).map(|p| &**p), node).await;
             let note = format!(
                 "instance {id} could not start: {e}; it stays in standby for {}s and the pods are decided again",
                 START_BACKOFF.as_secs()
@@ -593,20 +643,13 @@ fn remember_in_flight(
 }
 
 /// Puts a node whose instance did not start back as it was: standby, cordoned, tainted.
-async fn back_to_standby(api: &Api<Node>, pool: &str, node: &Node) {
-    let mut taints = node
-        .spec
-        .as_ref()
-        .and_then(|s| s.taints.clone())
-        .unwrap_or_default();
-    if !taints.iter().any(|t| t.key == nodepool::STANDBY_TAINT) {
-        taints.push(k8s_openapi::api::core::v1::Taint {
-            key: nodepool::STANDBY_TAINT.into(),
-            value: Some("true".into()),
-            effect: "NoSchedule".into(),
-            time_added: None,
-        });
-    }
+async fn back_to_standby(api: &Api<Node>, pool: Option<&NodePool>, node: &Node) {
+    let taints = match pool {
+        Some(pool) => nodepool::standby_taints(pool, node),
+        None => {
+            crate::pool::taints::standby_taints(&nodepool::taints_out_of_standby(node), &[], &[])
+        }
+    };
     let patch = json!({
         "metadata": {"labels": {STATE_LABEL: NodeState::Standby.as_str()}},
         "spec": {"unschedulable": true, "taints": taints},
@@ -619,7 +662,7 @@ async fn back_to_standby(api: &Api<Node>, pool: &str, node: &Node) {
         )
         .await
     {
-        tracing::warn!(pool, node = %node.name_any(), error = %e, "could not put the node back in standby");
+        tracing::warn!(node = %node.name_any(), error = %e, "could not put the node back in standby");
     }
 }
 

@@ -155,7 +155,12 @@ impl TestCluster {
         cloud.add_subnet("subnet-32345678", "us-east-1c");
         cloud.add_security_group("sg-12345678");
         cloud.add_image("ami-0123456789abcdef0");
-        let kubelet = KubeletSim::start(client.clone(), cloud.clone(), options.kubelet.clone());
+        // Nodes register with the test's label, so its DaemonSets select them from the start.
+        let mut kubelet_options = options.kubelet.clone();
+        kubelet_options
+            .node_labels
+            .insert(TEST_LABEL.into(), id.clone());
+        let kubelet = KubeletSim::start(client.clone(), cloud.clone(), kubelet_options);
         let probe = server.as_ref().map(|s| s.resource_version_probe());
         let invariants = Invariants::start(client.clone(), &cloud, &cluster_name, probe).await;
         TestCluster {
@@ -222,12 +227,11 @@ impl TestCluster {
             }
             _ => {
                 value["metadata"]["namespace"] = Value::String(self.namespace.clone());
-                // Workload pods select this test's nodes. DaemonSets keep their reach: on a
-                // shared cluster they also run on other tests' nodes, harmlessly, while a
-                // node selector would race with the label reaching a warming node.
+                // Pods, DaemonSets and workloads select only this test's nodes (which
+                // register with its label).
                 let spec = match kind.as_str() {
                     "Pod" => Some("/spec"),
-                    "Deployment" | "StatefulSet" | "ReplicaSet" | "Job" => {
+                    "DaemonSet" | "Deployment" | "StatefulSet" | "ReplicaSet" | "Job" => {
                         Some("/spec/template/spec")
                     }
                     _ => None,

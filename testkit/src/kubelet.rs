@@ -185,6 +185,9 @@ pub struct KubeletOptions {
     /// Power the instance off this long after its node first became Ready, as the seeds'
     /// bootstrap scripts do; only on an instance's first boot.
     pub poweroff_after_ready: Option<Duration>,
+    /// Labels every node registers with, besides its user data's `--node-labels` (as an
+    /// EKS node group's labels).
+    pub node_labels: BTreeMap<String, String>,
 }
 
 impl Default for KubeletOptions {
@@ -196,6 +199,7 @@ impl Default for KubeletOptions {
             pod_start_after: Duration::from_millis(200),
             tick: Duration::from_millis(50),
             poweroff_after_ready: None,
+            node_labels: BTreeMap::new(),
         }
     }
 }
@@ -514,6 +518,7 @@ async fn register(
         ("topology.kubernetes.io/region".into(), region.to_owned()),
     ]);
     labels.extend(flag_labels);
+    labels.extend(options.node_labels.clone());
     let mut capacity = json!({"cpu": cpu.to_string(), "memory": format!("{}Ki", mem_gib as u64 * 1024 * 1024), "pods": max_pods.to_string(), "ephemeral-storage": "100Gi"});
     let mut allocatable = json!({
         "cpu": format!("{}m", cpu * 1000 - 80),
