@@ -68,11 +68,14 @@ mod tests {
         }
     }
 
+    /// The taints as `key:effect`, sorted (order carries no meaning).
     fn keys(taints: &[Taint]) -> Vec<String> {
-        taints
+        let mut keys: Vec<String> = taints
             .iter()
             .map(|t| format!("{}:{}", t.key, t.effect))
-            .collect()
+            .collect();
+        keys.sort();
+        keys
     }
 
     #[test]
@@ -126,7 +129,7 @@ mod tests {
         );
         assert_eq!(
             keys(&without_startup(&standby, &startup)),
-            ["stratos.sh/standby:NoSchedule", "gpu:NoSchedule"]
+            ["gpu:NoSchedule", "stratos.sh/standby:NoSchedule"]
         );
     }
 }
