@@ -112,7 +112,8 @@ mod tests {
                 ],
             ),
         ];
-        for (what, current, want) in cases {
+        for (what, current, mut want) in cases {
+            want.sort();
             assert_eq!(
                 keys(&standby_taints(&current, &permanent, &startup)),
                 want,
@@ -123,8 +124,8 @@ mod tests {
         assert_eq!(
             keys(&out_of_standby(&standby)),
             [
-                "node.eks.amazonaws.com/not-ready:NoSchedule",
-                "gpu:NoSchedule"
+                "gpu:NoSchedule",
+                "node.eks.amazonaws.com/not-ready:NoSchedule"
             ]
         );
         assert_eq!(
