@@ -674,14 +674,14 @@ async fn a_burst_starts_the_bin_packed_number_of_standby_nodes_in_one_call() {
     cluster.apply_yaml(QUICKSTART).await;
     cluster.wait_standby("workers", 3, 3).await;
     let starts_before = cluster.cloud.call_count(Operation::StartInstances);
-    // m5.large nodes have 1920m allocatable: two 900m pods per node, so three nodes.
-    for i in 0..6 {
-        cluster
-            .apply_yaml(&format!(
-                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: job-{i}\n  namespace: default\nspec:\n  nodeSelector:\n    stratos.sh/pool: workers\n  containers:\n    - name: c\n      image: runner:1\n      resources:\n        requests:\n          cpu: 900m\n"
-            ))
-            .await;
-    }
+    // m5.large nodes have 1920m allocatable: two 900m pods per node, so three nodes. The
+    // six arrive together, as a burst does.
+    let jobs: Vec<String> = (0..6)
+        .map(|i| format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: job-{i}\n  namespace: default\nspec:\n  nodeSelector:\n    stratos.sh/pool: workers\n  containers:\n    - name: c\n      image: runner:1\n      resources:\n        requests:\n          cpu: 900m\n"
+        ))
+        .collect();
+    futures::future::join_all(jobs.iter().map(|job| cluster.apply_yaml(job))).await;
     cluster.wait_pods_running(6, Duration::from_secs(30)).await;
     let starts = cluster.starts_since(starts_before, "burst of 6");
     assert_eq!(starts.len(), 1, "one StartInstances call for the burst");

@@ -483,11 +483,36 @@ async fn scale_up_round(ctx: &Context, pools: &Store<NodePool>, memory: &mut Mem
         return false;
     };
     let snap = gather(ctx, pools, &instances, memory);
+    // Pools whose nodes in-flight pods wait for stay wanted: their empty nodes must not be
+    // drained before the pods land.
+    let in_flight_pools: BTreeSet<String> = memory
+        .in_flight
+        .values()
+        .filter_map(|f| {
+            ctx.stores
+                .nodes
+                .get(&kube::runtime::reflector::ObjectRef::new(&f.node))
+        })
+        .filter_map(|n| n.labels().get(POOL_LABEL).cloned())
+        .collect();
     if snap.pods.is_empty() {
-        publish_demand(ctx, &ScaleUp::default());
+        let idle = ScaleUp {
+            wanted: in_flight_pools,
+            ..Default::default()
+        };
+        publish_demand(ctx, &idle);
         return false;
     }
-    let decision = plan_scale_up(&snap.pods, &snap.pools, &snap.cluster);
+    let mut decision = plan_scale_up(&snap.pods, &snap.pools, &snap.cluster);
+    decision.wanted.extend(in_flight_pools);
+    tracing::debug!(
+        pending = snap.pods.len(),
+        in_flight = memory.in_flight.len(),
+        starts = ?decision.starts(),
+        launches = ?decision.pools.iter().filter(|p| p.launch > 0).map(|p| (&p.pool, p.launch)).collect::<Vec<_>>(),
+        unserved = ?decision.unserved.iter().map(|(k, r)| (k, r.reason())).collect::<Vec<_>>(),
+        "scale-up decision"
+    );
     publish_demand(ctx, &decision);
     let failed = start_all(ctx, &snap, &decision, memory).await;
     report_unserved(ctx, &decision, memory).await;
