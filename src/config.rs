@@ -309,8 +309,10 @@ mod tests {
             "--leader-elect-lease-name=l",
             "--leader-elect-namespace=ops",
             "--leader-elect-lease-duration=1m",
+            "--pool-selector=team=ci",
         ])
         .unwrap();
+        assert_eq!(cfg.pool_selector.as_deref(), Some("team=ci"));
         assert_eq!(cfg.region.as_deref(), Some("eu-west-1"));
         assert_eq!(
             cfg.aws_endpoint_url.as_deref(),
