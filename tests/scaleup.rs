@@ -319,3 +319,67 @@ async fn a_start_that_fails_for_capacity_is_served_by_another_standby_node() {
     assert_eq!(status.last_scale_up.map(|l| l.nodes), Some(1));
     cluster.invariants.assert_held().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_with_a_zonal_volume_gets_a_standby_node_in_that_zone() {
+    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    let _operator = cluster.start_operator();
+    // Standby nodes in two zones.
+    let two_zones = QUICKSTART
+        .replace(
+            "subnetIds: [\"subnet-12345678\"]",
+            "subnetIds: [\"subnet-12345678\", \"subnet-22345678\"]",
+        )
+        .replace("minStandby: 3", "minStandby: 4");
+    cluster.apply_yaml(&two_zones).await;
+    cluster.wait_standby("workers", 4, 4).await;
+    // A volume in us-east-1b, bound to the pod's claim.
+    let pv_name = cluster.name("data");
+    let pv: PersistentVolume = serde_json::from_value(json!({
+        "metadata": {"name": pv_name, "labels": {testkit::harness::TEST_LABEL: cluster.id}},
+        "spec": {
+            "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+            "csi": {"driver": "ebs.csi.aws.com", "volumeHandle": "vol-0123456789abcdef0"},
+            "claimRef": {"namespace": cluster.namespace, "name": "data"},
+            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["us-east-1b"]}]}]}}
+        }
+    }))
+    .unwrap();
+    let pvs: Api<PersistentVolume> = Api::all(cluster.client.clone());
+    pvs.create(&Default::default(), &pv).await.unwrap();
+    let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": "data"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": pv_name,
+            "resources": {"requests": {"storage": "1Gi"}}}
+    }))
+    .unwrap();
+    let pvcs: Api<PersistentVolumeClaim> =
+        Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    pvcs.create(&Default::default(), &pvc).await.unwrap();
+    let before = cluster.cloud.call_count(Operation::StartInstances);
+    cluster
+        .apply_yaml(&web_pod(
+            "db",
+            json!({"volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]}),
+        ))
+        .await;
+    let started = cluster
+        .wait_for("a start", Duration::from_secs(20), || async {
+            cluster
+                .starts_since(before, "zonal volume")
+                .first()
+                .map(|c| c.ids.clone())
+        })
+        .await;
+    assert_eq!(started.len(), 1);
+    assert_eq!(
+        cluster.cloud.instance(&started[0]).unwrap().zone,
+        "us-east-1b",
+        "the standby node in the volume's zone"
+    );
+    let _ = pvs.delete(&pv_name, &Default::default()).await;
+    cluster.invariants.assert_held().await;
+}

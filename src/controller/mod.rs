@@ -21,7 +21,7 @@ use std::{
 use futures::{FutureExt, StreamExt, future::BoxFuture};
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
-    core::v1::{Node, Pod},
+    core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod},
 };
 use kube::{
     Api, Client, Resource,
@@ -100,6 +100,9 @@ pub struct Stores {
     pub pods: Store<CachedPod>,
     pub daemonsets: Store<DaemonSet>,
     pub classes: Store<AWSNodeClass>,
+    /// Claims and volumes: a pending pod's bound zonal volume pins it to a zone (SPEC §6).
+    pub claims: Store<PersistentVolumeClaim>,
+    pub volumes: Store<PersistentVolume>,
 }
 
 /// What `reconcile` gets (the controller-rs shape).
@@ -295,6 +298,18 @@ pub async fn run(
     );
     let (daemonsets, ds_task) =
         shared_store::<DaemonSet, _>(&client, all(), vec![notify.clone()], drop_managed_fields);
+    let (claims, claims_task) = shared_store::<PersistentVolumeClaim, _>(
+        &client,
+        all(),
+        vec![pods_changed.clone()],
+        drop_managed_fields,
+    );
+    let (volumes, volumes_task) = shared_store::<PersistentVolume, _>(
+        &client,
+        all(),
+        vec![pods_changed.clone()],
+        drop_managed_fields,
+    );
     let (classes, classes_task) = shared_store::<AWSNodeClass, _>(
         &client,
         config.scoped_watch(),
@@ -311,14 +326,24 @@ pub async fn run(
         drop_managed_fields,
     );
     let background = tokio::spawn(async move {
-        tokio::join!(nodes_task, pods_task, ds_task, classes_task, pools_task);
+        tokio::join!(
+            nodes_task,
+            pods_task,
+            ds_task,
+            classes_task,
+            pools_task,
+            claims_task,
+            volumes_task
+        );
     });
     let _ = tokio::join!(
         nodes.wait_until_ready(),
         pods.wait_until_ready(),
         daemonsets.wait_until_ready(),
         classes.wait_until_ready(),
-        pool_store.wait_until_ready()
+        pool_store.wait_until_ready(),
+        claims.wait_until_ready(),
+        volumes.wait_until_ready()
     );
     health.set(crate::http::Phase::Leading);
     tracing::info!("caches synced; reconciling");
@@ -339,6 +364,8 @@ pub async fn run(
             pods,
             daemonsets,
             classes,
+            claims,
+            volumes,
         },
         metrics,
         failures: Mutex::new(HashMap::new()),

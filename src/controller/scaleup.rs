@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, PodSpec};
 use kube::{
     Api, ResourceExt,
     api::{Patch, PatchParams},
@@ -208,6 +208,22 @@ fn node_of_instance(node: &Node) -> Option<String> {
     Some(id.to_owned())
 }
 
+/// The zone the pod's bound zonal volumes pin it to (claim → volume → node affinity).
+fn claimed_zone(ctx: &Context, namespace: Option<&str>, spec: &PodSpec) -> Option<String> {
+    use kube::runtime::reflector::ObjectRef;
+    let ns = namespace.unwrap_or("default");
+    spec.volumes.iter().flatten().find_map(|v| {
+        let claim = v.persistent_volume_claim.as_ref()?;
+        let pvc = ctx
+            .stores
+            .claims
+            .get(&ObjectRef::new(&claim.claim_name).within(ns))?;
+        let bound = pvc.spec.as_ref()?.volume_name.as_deref()?;
+        let pv = ctx.stores.volumes.get(&ObjectRef::new(bound))?;
+        crate::pool::placement::volume_zone(&pv)
+    })
+}
+
 /// Whether the node turned Ready less than [`SETTLE`] ago.
 fn just_ready(node: &Node) -> bool {
     node.status
@@ -304,6 +320,7 @@ fn gather(
         .filter(|p| p.unschedulable && !memory.in_flight.contains_key(&p.key()))
         .map(|p| {
             let spec = p.scheduling.as_deref().cloned().unwrap_or_default();
+            let volume_zone = claimed_zone(ctx, p.metadata.namespace.as_deref(), &spec);
             PendingPod {
                 key: p.key(),
                 placement: PodPlacement::new(
@@ -314,7 +331,7 @@ fn gather(
                 spec,
                 requests: p.requests.clone(),
                 images: p.images.iter().cloned().collect(),
-                volume_zone: None,
+                volume_zone,
             }
         })
         .collect();

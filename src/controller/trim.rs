@@ -1,17 +1,28 @@
 //! What the caches keep of nodes and of pending pods' specs: what decisions read. The rest
 //! (environment, volumes, probes, node info, addresses) is dropped as objects arrive.
 
-use k8s_openapi::api::core::v1::{Container, Node, PodSpec};
+use k8s_openapi::api::core::v1::{Container, Node, PodSpec, Volume};
 
 /// Keeps the scheduling constraints of a pending pod's spec: selectors, affinity,
-/// tolerations, overhead, and each container's image and resources.
+/// tolerations, overhead, its volume claims, and each container's image and resources.
 pub fn pod_spec(spec: &mut PodSpec) {
     spec.containers.iter_mut().for_each(container);
     if let Some(init) = spec.init_containers.as_mut() {
         init.iter_mut().for_each(container);
     }
     spec.ephemeral_containers = None;
-    spec.volumes = None;
+    // Only claims matter: a bound zonal volume pins the pod to its zone.
+    spec.volumes = spec.volumes.take().map(|volumes| {
+        volumes
+            .into_iter()
+            .filter(|v| v.persistent_volume_claim.is_some())
+            .map(|v| Volume {
+                name: v.name,
+                persistent_volume_claim: v.persistent_volume_claim,
+                ..Volume::default()
+            })
+            .collect()
+    });
     spec.security_context = None;
     spec.host_aliases = None;
     spec.dns_config = None;

@@ -122,6 +122,29 @@ fn term_covers(
     in_scope && selects(term.label_selector.as_ref(), labels)
 }
 
+/// The zone a PersistentVolume's required node affinity pins it to, if one.
+pub fn volume_zone(pv: &k8s_openapi::api::core::v1::PersistentVolume) -> Option<String> {
+    const ZONE_KEYS: [&str; 3] = [ZONE, LEGACY_ZONE, "topology.ebs.csi.aws.com/zone"];
+    let terms = &pv
+        .spec
+        .as_ref()?
+        .node_affinity
+        .as_ref()?
+        .required
+        .as_ref()?
+        .node_selector_terms;
+    let zones: BTreeSet<&String> = terms
+        .iter()
+        .flat_map(|t| t.match_expressions.iter().flatten())
+        .filter(|e| e.operator == "In" && ZONE_KEYS.contains(&e.key.as_str()))
+        .flat_map(|e| e.values.iter().flatten())
+        .collect();
+    // One zone pins; a volume reachable from several zones pins to none of them.
+    (zones.len() == 1)
+        .then(|| zones.into_iter().next().cloned())
+        .flatten()
+}
+
 /// Required anti-affinity terms of a pod spec.
 pub fn anti_affinity_terms(spec: &PodSpec) -> Vec<PodAffinityTerm> {
     spec.affinity
@@ -481,6 +504,24 @@ mod tests {
             Err(Constraint::HostPorts)
         );
         assert_eq!(with_port.admits(&spot("n2", "a"), &[taken], &zones), Ok(()));
+    }
+
+    #[test]
+    fn a_volume_pins_to_its_one_zone() {
+        let pv = |zones: serde_json::Value| -> k8s_openapi::api::core::v1::PersistentVolume {
+            serde_json::from_value(json!({"spec": {"nodeAffinity": {"required": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "topology.ebs.csi.aws.com/zone", "operator": "In", "values": zones}]}]}}}}))
+            .unwrap()
+        };
+        assert_eq!(
+            volume_zone(&pv(json!(["us-east-1b"]))).as_deref(),
+            Some("us-east-1b")
+        );
+        assert_eq!(volume_zone(&pv(json!(["us-east-1a", "us-east-1b"]))), None);
+        assert_eq!(
+            volume_zone(&serde_json::from_value(json!({"spec": {}})).unwrap()),
+            None
+        );
     }
 
     #[test]

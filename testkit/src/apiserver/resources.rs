@@ -131,6 +131,18 @@ pub fn builtins() -> Vec<ResourceDef> {
             .with_status()
             .with_fields(&["spec.unschedulable"])
             .with_short(&["no"]),
+        ResourceDef::builtin("", "v1", "persistentvolumes", "PersistentVolume", false)
+            .with_status()
+            .with_short(&["pv"]),
+        ResourceDef::builtin(
+            "",
+            "v1",
+            "persistentvolumeclaims",
+            "PersistentVolumeClaim",
+            true,
+        )
+        .with_status()
+        .with_short(&["pvc"]),
         ResourceDef::builtin("", "v1", "pods", "Pod", true)
             .with_status()
             .with_fields(&[
