@@ -12,7 +12,7 @@ use std::{
 use futures::{StreamExt, future::BoxFuture};
 use k8s_openapi::{
     api::core::v1::{Node, Pod, Taint},
-    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    apimachinery::pkg::apis::meta::v1::Time,
 };
 use kube::{
     Api, ResourceExt,
@@ -30,15 +30,14 @@ use tokio::sync::Notify;
 use super::{CachedPod, Context, Error, drain, instances::Change};
 use crate::{
     api::{
-        NodePool, NodePoolStatus,
+        NodePool,
         nodepool::{NodePoolSpec, POOL_LABEL, STATE_LABEL},
     },
     cloud::{Instance, InstanceState, LaunchRequest, LaunchSpec, parse_provider_id, tags},
     pool::{
         nodeclass_hash,
         plan::{
-            self, Action, ClassView, Plan, PoolSnapshot, PoolView, Problem, StandbyReason,
-            TerminateReason,
+            self, Action, ClassView, Plan, PoolSnapshot, PoolView, StandbyReason, TerminateReason,
         },
         scheduling,
         state::{Member, NodeState, NodeView, Phase, PrePull},
@@ -931,30 +930,6 @@ async fn create_prepull_pod(pool: &NodePool, ctx: &Context, node: &str) -> Resul
     }
 }
 
-fn condition(
-    existing: &[Condition],
-    type_: &str,
-    status: bool,
-    reason: &str,
-    message: String,
-    generation: Option<i64>,
-) -> Condition {
-    let status = if status { "True" } else { "False" }.to_owned();
-    let previous = existing.iter().find(|c| c.type_ == type_);
-    let last_transition_time = match previous {
-        Some(p) if p.status == status => p.last_transition_time.clone(),
-        _ => Time(jiff::Timestamp::now()),
-    };
-    Condition {
-        type_: type_.into(),
-        status,
-        reason: reason.into(),
-        message,
-        observed_generation: generation,
-        last_transition_time,
-    }
-}
-
 async fn write_status(
     pool: &NodePool,
     ctx: &Context,
@@ -962,96 +937,27 @@ async fn write_status(
     class_found: bool,
     errors: &[Error],
 ) -> Result<(), Error> {
+    use crate::pool::status::{Failure, StatusInput, pool_status};
     let existing = pool.status.clone().unwrap_or_default();
-    let generation = pool.metadata.generation;
-    let c = &plan.counts;
-    let min = pool.spec.min_standby.max(0) as usize;
-    let (degraded, reason, message) = match (plan.problems.first(), errors.first()) {
-        (Some(Problem::NodeClassNotFound), _) => (
-            true,
-            "NodeClassNotFound",
-            format!(
-                "AWSNodeClass {} does not exist",
-                pool.spec.template.node_class_ref.name
-            ),
-        ),
-        (Some(Problem::NodeClassNotReady), _) => (
-            true,
-            "NodeClassNotReady",
-            format!(
-                "AWSNodeClass {} is not Ready; see its status",
-                pool.spec.template.node_class_ref.name
-            ),
-        ),
-        (Some(Problem::PrePullFailed(nodes)), _) => (
-            true,
-            "WarmupFailing",
-            format!("image pre-pull failed on {}", nodes.join(", ")),
-        ),
-        (None, Some(Error::Cloud(crate::cloud::CloudError::InsufficientCapacity(m)))) => {
-            (true, "InsufficientCapacity", m.clone())
+    let failure = errors.first().map(|e| match e {
+        Error::Cloud(crate::cloud::CloudError::InsufficientCapacity(m)) => {
+            Failure::InsufficientCapacity(m.clone())
         }
-        (None, Some(Error::Cloud(e))) => (true, "CloudError", e.to_string()),
-        (None, Some(e)) => (true, "ReconcileError", e.to_string()),
-        (None, None) => (false, "AsExpected", "the pool is healthy".to_owned()),
-    };
-    let ready = class_found
-        && !plan
-            .problems
-            .iter()
-            .any(|p| matches!(p, Problem::NodeClassNotReady | Problem::NodeClassNotFound))
-        && c.standby >= min;
-    let ready_message = if ready {
-        format!("{} standby node(s), minStandby {min}", c.standby)
-    } else if !class_found {
-        "no node class".into()
-    } else {
-        format!(
-            "{} of {min} standby node(s) ready; {} warming up",
-            c.standby, c.warmup
-        )
-    };
-    let conditions = vec![
-        condition(
-            &existing.conditions,
-            "Ready",
-            ready,
-            if ready {
-                "StandbyAvailable"
-            } else {
-                "StandbyShort"
-            },
-            ready_message,
-            generation,
-        ),
-        condition(
-            &existing.conditions,
-            "Degraded",
-            degraded,
-            reason,
-            message,
-            generation,
-        ),
-    ];
-    let status = NodePoolStatus {
-        observed_generation: generation,
-        warmup: c.warmup as i32,
-        standby: c.standby as i32,
-        starting: c.starting as i32,
-        running: c.running as i32,
-        draining: c.draining as i32,
-        total: c.total as i32,
-        conditions,
-        // Owned by the scale-up path's own field manager.
-        last_scale_up: None,
-    };
-    let was_degraded = existing
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "Degraded" && c.status == "True");
-    if degraded && !was_degraded {
-        ctx.publish(pool, true, reason, status.conditions[1].message.clone())
-            .await;
+        Error::Cloud(e) => Failure::Cloud(e.to_string()),
+        e => Failure::Other(e.to_string()),
+    });
+    let (status, newly_degraded) = pool_status(&StatusInput {
+        plan,
+        class_name: &pool.spec.template.node_class_ref.name,
+        class_found,
+        min_standby: pool.spec.min_standby.max(0) as usize,
+        failure: failure.as_ref(),
+        existing: &existing.conditions,
+        generation: pool.metadata.generation,
+        now: Time(jiff::Timestamp::now()),
+    });
+    if let Some((reason, message)) = newly_degraded {
+        ctx.publish(pool, true, &reason, message).await;
     }
     let body = json!({"apiVersion": "stratos.sh/v1alpha1", "kind": "NodePool", "status": status});
     let api: Api<NodePool> = Api::all(ctx.client.clone());

@@ -11,6 +11,7 @@ pub mod quantity;
 pub mod scaleup;
 pub mod scheduling;
 pub mod state;
+pub mod status;
 pub mod taints;
 
 use sha2::{Digest, Sha256};
