@@ -35,7 +35,7 @@ use crate::{
     },
     cloud::{Instance, InstanceState, LaunchRequest, LaunchSpec, parse_provider_id, tags},
     pool::{
-        nodeclass_hash,
+        converge, nodeclass_hash,
         plan::{
             self, Action, ClassView, Plan, PoolSnapshot, PoolView, StandbyReason, TerminateReason,
         },
@@ -385,20 +385,15 @@ async fn reconcile_pool(pool: &NodePool, ctx: &Context, deleting: bool) -> Resul
     }))
 }
 
-fn startup_taint_keys(pool: &NodePool) -> Vec<String> {
-    pool.spec
-        .template
-        .startup_taints
-        .iter()
-        .map(|t| t.key.clone())
-        .collect()
-}
-
 fn desired_labels(pool: &NodePool, state: NodeState) -> BTreeMap<String, String> {
-    let mut labels = pool.spec.template.labels.clone();
-    labels.insert(POOL_LABEL.into(), pool.name_any());
-    labels.insert(STATE_LABEL.into(), state.as_str().into());
-    labels
+    let name = pool.name_any();
+    let template = converge::Template {
+        pool: &name,
+        labels: &pool.spec.template.labels,
+        startup_taints: &pool.spec.template.startup_taints,
+        startup_taint_removal: pool.spec.template.startup_taint_removal,
+    };
+    converge::desired_labels(&template, state)
 }
 
 /// Patches a node with optimistic concurrency, so taints that others change concurrently are
@@ -803,7 +798,6 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
 /// Keeps member nodes' labels and startup taints as the pool wants them.
 async fn converge_nodes(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> Vec<Error> {
     let mut errors = Vec::new();
-    let startup = startup_taint_keys(pool);
     // Members the plan acted on this round were just patched from this same snapshot.
     let acted: Vec<&str> = plan
         .actions
@@ -832,37 +826,34 @@ async fn converge_nodes(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Pla
             Phase::Running => NodeState::Running,
             _ => continue,
         };
-        let labels = node.labels();
-        let promoted = state == NodeState::Running
-            && labels.get(STATE_LABEL).map(String::as_str) == Some(NodeState::Starting.as_str());
-        let want = desired_labels(pool, state);
-        let labels_ok = want.iter().all(|(k, v)| labels.get(k) == Some(v));
+        let name = pool.name_any();
+        let template = converge::Template {
+            pool: &name,
+            labels: &pool.spec.template.labels,
+            startup_taints: &pool.spec.template.startup_taints,
+            startup_taint_removal: pool.spec.template.startup_taint_removal,
+        };
         let taints = node
             .spec
             .as_ref()
             .and_then(|s| s.taints.clone())
             .unwrap_or_default();
-        let remove_startup = !startup.is_empty()
-            && taints.iter().any(|t| startup.contains(&t.key))
-            && scheduling::startup_taints_removable(
-                pool.spec.template.startup_taint_removal,
-                view.ready,
-                view.network_ready,
-            );
-        // A warming node is cordoned: DaemonSet pods (which tolerate cordons) warm it up, but
-        // no workload lands on a node that is about to be stopped.
-        let cordon = state == NodeState::Warmup
-            && node.spec.as_ref().and_then(|s| s.unschedulable) != Some(true);
-        if labels_ok && !remove_startup && !cordon {
+        let now = converge::NodeNow {
+            labels: node.labels(),
+            taints: &taints,
+            unschedulable: node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true),
+            ready: view.ready,
+            network_ready: view.network_ready,
+        };
+        let Some(change) = converge::converge(&template, state, &now) else {
             continue;
-        }
-        let mut patch = json!({"metadata": {"labels": want}});
-        if remove_startup {
-            let kept =
-                crate::pool::taints::without_startup(&taints, &pool.spec.template.startup_taints);
+        };
+        let (promoted, remove_startup) = (change.promoted, change.taints.is_some());
+        let mut patch = json!({"metadata": {"labels": change.labels}});
+        if let Some(kept) = change.taints {
             patch["spec"] = json!({"taints": kept});
         }
-        if cordon {
+        if change.cordon {
             patch["spec"]["unschedulable"] = json!(true);
         }
         let result = patch_node(ctx, node, patch).await;
