@@ -206,6 +206,10 @@ fn node_view(
             .iter()
             .filter(|p| p.is_workload() && p.name_any() != prepull_name)
             .count(),
+        terminating_pods: pods_on_node
+            .iter()
+            .filter(|p| p.is_terminating() && p.name_any() != prepull_name)
+            .count(),
         empty_since: annotation_time(node, EMPTY_SINCE),
         draining_since: annotation_time(node, DRAINING_SINCE),
         start_requested: annotation_time(node, super::scaleup::LAST_USED_ANNOTATION),

@@ -72,6 +72,14 @@ impl CachedPod {
             && self.metadata.deletion_timestamp.is_none()
     }
 
+    /// Evicted or deleted, and still running: not a DaemonSet or mirror pod, not finished.
+    pub fn is_terminating(&self) -> bool {
+        self.daemonset.is_none()
+            && !self.mirror
+            && !self.finished()
+            && self.metadata.deletion_timestamp.is_some()
+    }
+
     pub fn finished(&self) -> bool {
         matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"))
     }

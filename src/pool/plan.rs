@@ -218,7 +218,10 @@ pub fn plan_pool(snap: &PoolSnapshot) -> Plan {
 
     if snap.pool.deleting {
         for m in &live {
-            let busy = m.node.as_ref().is_some_and(|n| n.workload_pods > 0);
+            let busy = m
+                .node
+                .as_ref()
+                .is_some_and(super::state::NodeView::holds_pods);
             match (m.phase(), m.node_name()) {
                 (Phase::Running | Phase::Starting | Phase::Draining, Some(node)) if busy => {
                     plan.actions.push(Action::Drain {
@@ -325,7 +328,7 @@ pub fn plan_pool(snap: &PoolSnapshot) -> Plan {
         let ids = || (m.id().to_owned(), name.to_owned());
         let age = |t: Option<SystemTime>| t.and_then(|t| snap.now.duration_since(t).ok());
         match m.phase() {
-            Phase::Running if node.workload_pods == 0 => {
+            Phase::Running if !node.holds_pods() => {
                 match (node.empty_since, snap.pool.scale_down) {
                     (None, _) => {
                         let (instance, node) = ids();
@@ -345,7 +348,7 @@ pub fn plan_pool(snap: &PoolSnapshot) -> Plan {
                 let (instance, node) = ids();
                 plan.actions.push(Action::ClearEmpty { instance, node });
             }
-            Phase::Draining if node.workload_pods == 0 => plan.actions.push(Action::EnterStandby {
+            Phase::Draining if !node.holds_pods() => plan.actions.push(Action::EnterStandby {
                 instance: m.id().into(),
                 node: Some(name.into()),
                 reason: StandbyReason::Drained,
@@ -510,6 +513,7 @@ mod tests {
             daemonset_pods_ready: ds.1,
             prepull,
             workload_pods: 0,
+            terminating_pods: 0,
             empty_since: None,
             draining_since: None,
             start_requested: None,
@@ -865,6 +869,10 @@ mod tests {
             n.draining_since = draining_for.map(at);
             m
         };
+        let terminating = |mut m: Member| {
+            m.node.as_mut().unwrap().terminating_pods = 1;
+            m
+        };
         let cases = [
             (
                 "a running node just became empty",
@@ -911,6 +919,24 @@ mod tests {
             (
                 "drain timed out: abort",
                 with(1, None, Some(301), NodeState::Draining),
+                false,
+                vec!["abort-drain a"],
+            ),
+            (
+                "evicted, still terminating: the drain waits for it to be gone",
+                terminating(with(0, Some(400), Some(5), NodeState::Draining)),
+                false,
+                vec!["drain a"],
+            ),
+            (
+                "a pod in its grace period: not empty",
+                terminating(with(0, None, None, RunningLabel)),
+                false,
+                vec![],
+            ),
+            (
+                "terminating past the drain timeout: abort, never stop under it",
+                terminating(with(0, None, Some(301), NodeState::Draining)),
                 false,
                 vec!["abort-drain a"],
             ),
@@ -993,6 +1019,15 @@ mod tests {
             3,
         );
         snap.pool.deleting = true;
+        let mut going = running("e");
+        going.node.as_mut().unwrap().terminating_pods = 1;
+        let mut waiting = snap.clone();
+        waiting.members = vec![going];
+        assert_eq!(
+            summary(&plan_pool(&waiting)),
+            vec!["drain e"],
+            "pool deletion waits for a terminating pod before terminating the instance"
+        );
         assert_eq!(
             summary(&plan_pool(&snap)),
             vec![

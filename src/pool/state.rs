@@ -75,6 +75,9 @@ pub struct NodeView {
     pub prepull: PrePull,
     /// Pods a drain must evict: not DaemonSet, not mirror, not finished, not being deleted.
     pub workload_pods: usize,
+    /// Pods being deleted that still run (in their termination grace period): a drain is
+    /// finished, and the node empty, only once they are gone (SPEC §5.6, I3).
+    pub terminating_pods: usize,
     /// Since when the node has run no workload (the `stratos.sh/empty-since` annotation).
     pub empty_since: Option<SystemTime>,
     /// Since when the node has been draining (`stratos.sh/draining-since`).
@@ -84,6 +87,12 @@ pub struct NodeView {
 }
 
 impl NodeView {
+    /// Whether any pod other than DaemonSet, mirror and finished pods is on the node,
+    /// evicted or not.
+    pub fn holds_pods(&self) -> bool {
+        self.workload_pods + self.terminating_pods > 0
+    }
+
     /// SPEC §5.1: Ready, network ready, every DaemonSet pod Ready, images pulled.
     pub fn warm(&self) -> bool {
         self.ready

@@ -6,8 +6,9 @@
 //! - I1: a launch never takes a pool above its `poolSize`;
 //! - I2: no start, stop or terminate of an instance without this cluster's tag and a pool
 //!   tag (and no node of such an instance is cordoned, see [`Invariants::foreign_node`]);
-//! - I3: no stop of an instance whose node runs a pod that is not a DaemonSet pod, not a
-//!   mirror pod, not finished, and not being deleted (an evicted pod is being deleted).
+//! - I3: no stop or termination of an instance whose node holds a pod that is not a
+//!   DaemonSet pod, not a mirror pod and not finished — a pod in its termination grace
+//!   period counts (Stratos' own image pre-pull pod aside).
 //!
 //! Violations are collected; [`Invariants::assert_held`] fails the test with all of them.
 
@@ -58,7 +59,8 @@ impl Drop for Invariants {
     }
 }
 
-/// Pods that a drain must have evicted before the node's instance may stop.
+/// Pods that must be gone before the node's instance may stop: evicted ones still running
+/// in their grace period included (SPEC §11 I3).
 pub fn blocks_stop(pod: &Pod) -> bool {
     let daemonset = pod
         .owner_references()
@@ -71,7 +73,7 @@ pub fn blocks_stop(pod: &Pod) -> bool {
         pod.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Succeeded" | "Failed")
     );
-    !daemonset && !mirror && !finished && pod.metadata.deletion_timestamp.is_none()
+    !daemonset && !mirror && !finished
 }
 
 impl Invariants {
@@ -121,7 +123,7 @@ impl Invariants {
                         if !owned {
                             found.push(format!("I2: {} on {} which Stratos does not own (tags {:?})", operation.as_str(), inst.id, inst.tags));
                         }
-                        if operation == Operation::StopInstances {
+                        if matches!(operation, Operation::StopInstances | Operation::TerminateInstances) {
                             let provider_id = inst.provider_id();
                             let node = node_store
                                 .state()
@@ -131,9 +133,12 @@ impl Invariants {
                                 let name = node.name_any();
                                 for pod in pods.state() {
                                     let on_node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str());
-                                    if on_node && blocks_stop(&pod) {
+                                    // Stratos' own image pre-pull pod warms the node; it is no workload.
+                                    let prepull = pod.name_any().starts_with("stratos-prepull-");
+                                    if on_node && !prepull && blocks_stop(&pod) {
+                                        let verb = if operation == Operation::StopInstances { "stopping" } else { "terminating" };
                                         let message = format!(
-                                            "I3: stopping {} while its node {name} runs {}/{} (not evicted)",
+                                            "I3: {verb} {} while its node {name} runs {}/{}",
                                             inst.id,
                                             pod.namespace().unwrap_or_default(),
                                             pod.name_any()
