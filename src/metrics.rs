@@ -51,6 +51,7 @@ impl CloudApiMetrics {
     }
 
     /// Metrics that nobody scrapes, for tests and tools.
+    /// A detached set, for tests and embedding.
     pub fn detached() -> Self {
         Self::new(&Registry::new()).expect("a fresh registry accepts every family")
     }
@@ -73,6 +74,14 @@ impl CloudApiMetrics {
         self.calls.with_label_values(&[op.as_str(), result]).get()
     }
 }
+
+/// Every `result` of `stratos_warmup_results_total`.
+pub const WARMUP_RESULTS: [&str; 4] = [
+    "completed",
+    "self_stopped",
+    "timeout",
+    "stopped_before_registering",
+];
 
 /// Pool gauges and lifecycle counters (SPEC §8.1). Per-pool series are removed with the pool.
 pub struct PoolMetrics {
@@ -232,6 +241,10 @@ impl PoolMetrics {
         }
         self.scale_downs.with_label_values(&[pool]);
         self.drain_failures.with_label_values(&[pool, "timeout"]);
+        // Also after a restart, before any warmup ends: alerts on results see a series.
+        for result in WARMUP_RESULTS {
+            self.warmup_results.with_label_values(&[pool, result]);
+        }
         for h in [
             &self.decision_latency,
             &self.pending_to_scheduled,
@@ -310,7 +323,7 @@ impl PoolMetrics {
     }
 
     /// Drops every per-pool series of a deleted pool.
-    pub fn remove_pool(&self, pool: &str, states: &[&str], results: &[&str]) {
+    pub fn remove_pool(&self, pool: &str, states: &[&str]) {
         let _ = self.pool_size.remove_label_values(&[pool]);
         let _ = self.min_standby.remove_label_values(&[pool]);
         let _ = self.warmup_duration.remove_label_values(&[pool]);
@@ -331,7 +344,7 @@ impl PoolMetrics {
         for s in states {
             let _ = self.nodes.remove_label_values(&[pool, s]);
         }
-        for r in results {
+        for r in WARMUP_RESULTS {
             let _ = self.warmup_results.remove_label_values(&[pool, r]);
         }
     }
@@ -356,8 +369,12 @@ mod tests {
         }
         let before = m.render();
         assert!(before.contains("stratos_scale_ups_total{pool=\"gone\",source=\"standby\"} 1"));
+        assert!(
+            before.contains("stratos_warmup_results_total{pool=\"kept\",result=\"timeout\"} 0"),
+            "every result exists at zero from the pool's first reconcile"
+        );
         assert!(before.contains("stratos_scale_downs_total{pool=\"gone\"} 1"));
-        m.remove_pool("gone", &["standby", "running"], &["completed"]);
+        m.remove_pool("gone", &["standby", "running"]);
         let after = m.render();
         let leftovers: Vec<_> = after
             .lines()

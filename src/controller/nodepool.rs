@@ -48,12 +48,6 @@ pub use crate::contract::{
     DRAINING_SINCE, EMPTY_SINCE, POOL_FINALIZER as FINALIZER, STANDBY_TAINT,
 };
 const FIELD_MANAGER: &str = "stratos";
-const WARMUP_RESULTS: [&str; 4] = [
-    "completed",
-    "self_stopped",
-    "timeout",
-    "stopped_before_registering",
-];
 
 pub struct PoolController {
     pub run: BoxFuture<'static, ()>,
@@ -358,7 +352,7 @@ async fn reconcile_pool(pool: &NodePool, ctx: &Context, deleting: bool) -> Resul
             )));
         }
         let states: Vec<&str> = NodeState::ALL.iter().map(|s| s.as_str()).collect();
-        ctx.metrics.remove_pool(&name, &states, &WARMUP_RESULTS);
+        ctx.metrics.remove_pool(&name, &states);
         tracing::info!(pool = %name, "pool deleted: every instance terminated");
         return Ok(Requeue::await_change());
     }
