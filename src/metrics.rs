@@ -78,7 +78,7 @@ impl CloudApiMetrics {
 /// Every `result` of `stratos_warmup_results_total`.
 pub const WARMUP_RESULTS: [&str; 4] = [
     "completed",
-    "self_stopped",
+    "resumed",
     "timeout",
     "stopped_before_registering",
 ];
@@ -119,7 +119,7 @@ impl PoolMetrics {
         let warmup_results = IntCounterVec::new(
             Opts::new(
                 "stratos_warmup_results_total",
-                "Warmups by result (completed, self_stopped, timeout, stopped_before_registering).",
+                "Warmups by result (completed, resumed, timeout, stopped_before_registering).",
             ),
             &["pool", "result"],
         )?;

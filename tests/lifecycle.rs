@@ -160,11 +160,12 @@ async fn fills_a_pool_to_min_standby() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_self_stopped_instance_completes_warmup() {
-    // DaemonSet pods take long to start, so the bootstrap's poweroff comes first.
+async fn a_warmup_cut_short_by_a_self_stop_is_resumed() {
+    // DaemonSet pods take a while to start, so the bootstrap's poweroff comes first: the
+    // node is not warm (its DaemonSet image is not on disk), and must not count as standby.
     let options = ClusterOptions {
         kubelet: KubeletOptions {
-            pod_start_after: Duration::from_secs(30),
+            pod_start_after: Duration::from_millis(1500),
             poweroff_after_ready: Some(Duration::from_millis(200)),
             ..Default::default()
         },
@@ -172,15 +173,60 @@ async fn a_self_stopped_instance_completes_warmup() {
     };
     let cluster = TestCluster::start(options).await;
     cluster.apply_yaml(AWS_NODE).await;
-    let _operator = cluster.start_operator();
+    let operator = cluster.start_operator();
     cluster.apply_yaml(QUICKSTART).await;
     cluster.wait_standby("workers", 3, 3).await;
-    assert_eq!(
-        cluster.cloud.call_count(Operation::StopInstances),
-        0,
-        "the instances stopped themselves"
-    );
     assert_eq!(cluster.launched(), 3);
+    // Each was started again (no user data runs then), finished warming up, and was stopped
+    // by Stratos itself.
+    let restarted: std::collections::BTreeSet<String> = cluster
+        .cloud
+        .calls()
+        .iter()
+        .filter(|c| c.operation == Operation::StartInstances)
+        .flat_map(|c| c.ids.clone())
+        .collect();
+    assert_eq!(restarted.len(), 3, "every cut-short warmup resumed");
+    assert!(cluster.cloud.call_count(Operation::StopInstances) >= 1);
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    for inst in cluster.pool_instances("workers") {
+        let node = nodes
+            .get(inst.private_dns_name.as_deref().unwrap())
+            .await
+            .unwrap();
+        let images: Vec<String> = node
+            .status
+            .unwrap()
+            .images
+            .unwrap_or_default()
+            .into_iter()
+            .flat_map(|i| i.names.unwrap_or_default())
+            .collect();
+        assert!(
+            images.contains(&"amazon-k8s-cni:v1.19.0".to_owned()),
+            "standby only once the DaemonSet image is on disk: {images:?}"
+        );
+    }
+    let metrics = operator.metrics.render();
+    assert!(
+        metrics.contains(&format!(
+            "stratos_warmup_results_total{{pool=\"{}\",result=\"resumed\"}} 3",
+            cluster.name("workers")
+        )),
+        "{metrics}"
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(cluster.client.clone());
+    let resumed = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .any(|e| {
+            e.reason.as_deref() == Some("WarmupResumed")
+                && e.regarding.and_then(|r| r.name) == Some(cluster.name("workers"))
+        });
+    assert!(resumed, "a WarmupResumed event on the pool");
     cluster.invariants.assert_held().await;
 }
 

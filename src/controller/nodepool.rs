@@ -537,13 +537,8 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
             .launch_time
             .and_then(|t| SystemTime::now().duration_since(t).ok());
         match reason {
-            StandbyReason::WarmupComplete | StandbyReason::SelfStopped => {
-                let result = if *reason == StandbyReason::WarmupComplete {
-                    "completed"
-                } else {
-                    "self_stopped"
-                };
-                ctx.metrics.warmup_result(&name, result, age);
+            StandbyReason::WarmupComplete => {
+                ctx.metrics.warmup_result(&name, "completed", age);
                 tracing::info!(pool = %name, instance = %instance, node = m.node_name().unwrap_or("-"), reason = ?reason, "warmup complete: into standby");
             }
             StandbyReason::WarmupTimeout | StandbyReason::StoppedBeforeRegistering => {
@@ -599,7 +594,7 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
             matches!(
                 a,
                 Action::EnterStandby {
-                    reason: StandbyReason::WarmupComplete | StandbyReason::SelfStopped,
+                    reason: StandbyReason::WarmupComplete,
                     ..
                 }
             )
@@ -641,6 +636,42 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
         tracing::info!(pool = %name, instances = ?restarts, "start (re-)issued for nodes marked starting");
         for (id, e) in &outcome.failed {
             tracing::warn!(pool = %name, instance = %id, error = %e, "start failed");
+            errors.push(Error::Cloud(e.clone()));
+        }
+    }
+
+    let resumed: Vec<String> = plan
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::ResumeWarmup { instance } => Some(instance.clone()),
+            _ => None,
+        })
+        .collect();
+    if !resumed.is_empty() {
+        let outcome = ctx.cloud.start_instances(&resumed).await;
+        ctx.instances
+            .record(Change::State(&outcome.succeeded, InstanceState::Pending))
+            .await;
+        for id in &outcome.succeeded {
+            ctx.metrics.warmup_result(&name, "resumed", None);
+            tracing::info!(pool = %name, instance = %id, "self-stopped before warmup was complete: started again to finish it");
+        }
+        if !outcome.succeeded.is_empty() {
+            ctx.publish(
+                pool,
+                false,
+                "WarmupResumed",
+                format!(
+                    "{} instance(s) powered off before their warmup was complete (images, DaemonSet pods); started again to finish it: {}",
+                    outcome.succeeded.len(),
+                    outcome.succeeded.join(", ")
+                ),
+            )
+            .await;
+        }
+        for (id, e) in &outcome.failed {
+            tracing::warn!(pool = %name, instance = %id, error = %e, "could not resume warmup");
             errors.push(Error::Cloud(e.clone()));
         }
     }

@@ -52,7 +52,6 @@ pub struct PoolSnapshot {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StandbyReason {
     WarmupComplete,
-    SelfStopped,
     WarmupTimeout,
     StoppedBeforeRegistering,
     /// A stop into standby was interrupted; finish it.
@@ -111,6 +110,10 @@ pub enum Action {
     Handoff { instance: String, node: String },
     /// (Re-)issue the start of an instance whose node is marked `starting`.
     Start { instance: String },
+    /// The instance stopped itself (the bootstrap's `poweroff`) before its warmup was
+    /// complete: start it again (no user data runs this time) to finish warming up, after
+    /// which Stratos stops it itself (SPEC §5.1, resumed warmup).
+    ResumeWarmup { instance: String },
     /// Cordon the node, mark it draining and evict its workload (scale-down, or before the
     /// pool's deletion terminates it).
     Drain { instance: String, node: String },
@@ -267,7 +270,21 @@ pub fn plan_pool(snap: &PoolSnapshot) -> Plan {
                 });
             }
             Phase::WarmReady => plan.actions.push(standby(StandbyReason::WarmupComplete)),
-            Phase::SelfStopped => plan.actions.push(standby(StandbyReason::SelfStopped)),
+            // A self-stop before warmup was complete (Stratos stops a warm node itself, first):
+            // start it again within the deadline to finish; EC2 starts it once stopped.
+            Phase::SelfStopped if timed_out(m, snap) => match snap.pool.timeout_action {
+                TimeoutAction::Terminate => {
+                    terminating.push(m.id());
+                    plan.actions
+                        .push(terminate(m, TerminateReason::WarmupTimeout));
+                }
+                TimeoutAction::Stop => plan.actions.push(standby(StandbyReason::WarmupTimeout)),
+            },
+            Phase::SelfStopped if m.instance.state == crate::cloud::InstanceState::Stopped => {
+                plan.actions.push(Action::ResumeWarmup {
+                    instance: m.id().into(),
+                })
+            }
             Phase::StandbyButRunning => plan.actions.push(standby(StandbyReason::Resume)),
             // A start requested moments ago is still on its way (or not yet in the listing).
             Phase::StartPending => {
@@ -596,6 +613,7 @@ mod tests {
                 } => format!("standby {instance} {reason:?}"),
                 Action::Drain { instance, .. } => format!("drain {instance}"),
                 Action::Start { instance } => format!("start {instance}"),
+                Action::ResumeWarmup { instance } => format!("resume {instance}"),
                 Action::Handoff { instance, .. } => format!("handoff {instance}"),
                 Action::AbortDrain { instance, .. } => format!("abort-drain {instance}"),
                 Action::MarkEmpty { instance, .. } => format!("empty {instance}"),
@@ -695,7 +713,7 @@ mod tests {
                 vec![],
             ),
             (
-                "self-stop after the node registered completes warmup",
+                "self-stop before warmup was complete: started again to finish (SPEC §5.1)",
                 snapshot(
                     vec![member(
                         instance("a", Stopped, "warmup", "h1", 60),
@@ -710,7 +728,43 @@ mod tests {
                     10,
                     1,
                 ),
-                vec!["standby a SelfStopped"],
+                vec!["resume a"],
+            ),
+            (
+                "a self-stop still stopping: started once stopped",
+                snapshot(
+                    vec![member(
+                        instance("a", InstanceState::Stopping, "warmup", "h1", 60),
+                        Some(node(
+                            "a",
+                            Some(WarmupLabel),
+                            false,
+                            (1, 0),
+                            PrePull::NotNeeded,
+                        )),
+                    )],
+                    10,
+                    1,
+                ),
+                vec![],
+            ),
+            (
+                "a self-stop past the warmup deadline: the timeout action",
+                snapshot(
+                    vec![member(
+                        instance("a", Stopped, "warmup", "h1", 3600),
+                        Some(node(
+                            "a",
+                            Some(WarmupLabel),
+                            false,
+                            (1, 0),
+                            PrePull::NotNeeded,
+                        )),
+                    )],
+                    10,
+                    0,
+                ),
+                vec!["terminate a WarmupTimeout"],
             ),
             (
                 "self-stop without a node is a failed warmup",

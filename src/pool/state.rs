@@ -200,9 +200,10 @@ impl Phase {
     /// The state this phase counts as in the pool's status.
     pub fn counted_as(self) -> Option<NodeState> {
         match self {
-            Self::Warming | Self::WarmReady => Some(NodeState::Warmup),
-            Self::SelfStopped
-            | Self::StoppedWithoutNode
+            // A self-stop before warmup completed is still warming up: never standby
+            // capacity with its warmup incomplete (SPEC §5.1).
+            Self::Warming | Self::WarmReady | Self::SelfStopped => Some(NodeState::Warmup),
+            Self::StoppedWithoutNode
             | Self::Standby
             | Self::StandbyButRunning
             | Self::StoppedUnexpectedly => Some(NodeState::Standby),
