@@ -383,3 +383,92 @@ async fn a_pod_with_a_zonal_volume_gets_a_standby_node_in_that_zone() {
     let _ = pvs.delete(&pv_name, &Default::default()).await;
     cluster.invariants.assert_held().await;
 }
+
+/// A pool without standby whose user data `powers_off` (the seeds' script) or not.
+fn cold_pool(powers_off: bool) -> String {
+    let pool = QUICKSTART.replace("minStandby: 3", "minStandby: 0");
+    if powers_off {
+        pool
+    } else {
+        pool.replace("    sleep 30\n    poweroff\n", "")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_user_data_powers_off_reaches_pods_only_through_standby() {
+    // The seeds' user data powers the instance off after its first boot: handed over at
+    // once, the pod would be killed by it (I3, checked on the poweroff too).
+    let mut options = ClusterOptions::default();
+    options.kubelet.poweroff_after_ready = Some(Duration::from_secs(2));
+    let cluster = TestCluster::start(options).await;
+    let _operator = cluster.start_operator();
+    cluster.apply_yaml(&cold_pool(true)).await;
+    cluster
+        .wait_for("the pool at rest", Duration::from_secs(20), || async {
+            let s = cluster.pool_status("workers").await?;
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready")
+                .then_some(())
+        })
+        .await;
+    cluster.apply_yaml(&web_pod("web-0", json!({}))).await;
+    let node = cluster
+        .running_node_of("web-0", Duration::from_secs(45))
+        .await;
+    let instance = cluster
+        .cloud
+        .all_instances()
+        .into_iter()
+        .find(|i| i.private_dns_name.as_deref() == Some(node.as_str()))
+        .unwrap()
+        .id;
+    // Launched, stopped (by Stratos or by itself), then started for the pod.
+    let started: Vec<String> = cluster
+        .cloud
+        .calls()
+        .iter()
+        .filter(|c| c.operation == Operation::StartInstances)
+        .flat_map(|c| c.ids.clone())
+        .collect();
+    assert!(
+        started.contains(&instance),
+        "started from standby: {started:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        cluster
+            .running_node_of("web-0", Duration::from_secs(1))
+            .await,
+        node,
+        "still running where it landed"
+    );
+    cluster.invariants.assert_held().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_user_data_does_not_power_off_is_handed_over_warm() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    let _operator = cluster.start_operator();
+    cluster.apply_yaml(&cold_pool(false)).await;
+    cluster
+        .wait_for("the pool at rest", Duration::from_secs(20), || async {
+            let s = cluster.pool_status("workers").await?;
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready")
+                .then_some(())
+        })
+        .await;
+    cluster.apply_yaml(&web_pod("web-0", json!({}))).await;
+    cluster
+        .running_node_of("web-0", Duration::from_secs(45))
+        .await;
+    assert_eq!(cluster.launched(), 1);
+    assert_eq!(
+        cluster.cloud.call_count(Operation::StopInstances),
+        0,
+        "handed over at once, never stopped"
+    );
+    cluster.invariants.assert_held().await;
+}

@@ -339,6 +339,17 @@ impl FakeCloud {
     pub fn power_off(&self, id: &str) {
         let mut state = self.lock();
         self.advance(&mut state);
+        // The OS stopping the instance is a stop too, for the invariant checks (SPEC §11 I3:
+        // no user-data poweroff under a handed-over workload).
+        let targets = state
+            .instances
+            .get(id)
+            .map(|i| vec![i.instance.clone()])
+            .unwrap_or_default();
+        self.observe(ObservedCall::Act {
+            operation: Operation::StopInstances,
+            targets,
+        });
         let stopping = self.cfg().stopping_to_stopped;
         if let Some(inst) = state.instances.get_mut(id)
             && inst.instance.state == InstanceState::Running

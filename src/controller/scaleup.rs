@@ -43,6 +43,8 @@ const MAX_GATHER: Duration = Duration::from_millis(100);
 /// With pods still pending, decide again at least this often (a launch that failed, a
 /// start back-off that ended, a pool that changed).
 const RESYNC: Duration = Duration::from_secs(2);
+/// While a decision waits on launched or warming nodes, how often it follows their changes.
+const FOLLOW_NODES: Duration = Duration::from_millis(200);
 /// How soon to look again at a chosen standby instance that was still stopping.
 const STOP_RECHECK: Duration = Duration::from_millis(250);
 /// How long a start of this process counts even where the node cache does not show it.
@@ -74,6 +76,9 @@ struct Memory {
     reported: HashMap<String, Instant>,
     /// Pods served, for the pending → scheduled metric: (pool, pending since).
     served: HashMap<String, (String, SystemTime)>,
+    /// The last decision waits on launches or warming nodes: decide again as nodes change
+    /// (a warm node must be handed over before it goes to standby).
+    awaiting_nodes: bool,
 }
 
 struct InFlight {
@@ -99,7 +104,8 @@ pub async fn run(ctx: Arc<Context>, pools: Store<NodePool>, shutdown: impl Futur
             }
             let since_round = SystemTime::now() - last_round.elapsed();
             let undecided = memory.seen.values().any(|t| *t >= since_round);
-            if pending > 0 && (undecided || last_round.elapsed() >= RESYNC) {
+            let follow_nodes = memory.awaiting_nodes && last_round.elapsed() >= FOLLOW_NODES;
+            if pending > 0 && (undecided || follow_nodes || last_round.elapsed() >= RESYNC) {
                 break;
             }
             tokio::select! {
@@ -398,8 +404,14 @@ fn gather(
             .unwrap_or_default();
         zones.sort();
         zones.dedup();
+        // Warm nodes go straight to pods only if the user data will not power them off.
+        let hands_over = !class
+            .as_ref()
+            .and_then(|(c, _)| c.spec.user_data.as_deref())
+            .is_some_and(crate::pool::bootstrap::powers_off);
         let mut candidate = PoolCandidate {
             name: name.clone(),
+            hands_over,
             labels: labels.clone(),
             taints: pool.spec.template.taints.clone(),
             launch_room: (pool.spec.pool_size.max(0) as usize).saturating_sub(members.len()),
@@ -513,6 +525,7 @@ async fn scale_up_round(ctx: &Context, pools: &Store<NodePool>, memory: &mut Mem
         .filter_map(|n| n.labels().get(POOL_LABEL).cloned())
         .collect();
     if snap.pods.is_empty() {
+        memory.awaiting_nodes = false;
         let idle = ScaleUp {
             wanted: in_flight_pools,
             ..Default::default()
@@ -522,6 +535,12 @@ async fn scale_up_round(ctx: &Context, pools: &Store<NodePool>, memory: &mut Mem
     }
     let mut decision = plan_scale_up(&snap.pods, &snap.pools, &snap.cluster);
     decision.wanted.extend(in_flight_pools);
+    memory.awaiting_nodes = decision.pools.iter().any(|p| p.launch > 0 || p.handoff > 0)
+        || decision.placements.iter().any(|(_, node)| {
+            snap.pools
+                .iter()
+                .any(|p| p.warming.iter().any(|w| w.node_name == *node))
+        });
     tracing::debug!(
         pending = snap.pods.len(),
         in_flight = memory.in_flight.len(),

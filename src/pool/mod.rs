@@ -4,6 +4,7 @@
 //! pure functions return: [`scaleup::plan_scale_up`] decides scale-up for every pool at
 //! once, [`plan::plan_pool`] a pool's lifecycle.
 
+pub mod bootstrap;
 pub mod converge;
 pub mod placement;
 pub mod plan;

@@ -67,8 +67,12 @@ pub struct PoolCandidate {
     pub taints: Vec<Taint>,
     /// Started, not yet Ready: capacity on its way.
     pub starting: Vec<CandidateNode>,
-    /// Launched and warming, handed to pods if they need it (SPEC §5.5).
+    /// Launched and warming: capacity on its way, handed to pods if they need it and the
+    /// pool hands warm nodes over (SPEC §5.5).
     pub warming: Vec<CandidateNode>,
+    /// Whether warm nodes may go straight to pods: not when the user data powers the
+    /// instance off on its first boot (they go through standby and a start instead).
+    pub hands_over: bool,
     /// Stopped and startable (instances in start back-off are left out).
     pub standby: Vec<CandidateNode>,
     /// Instances the pool may still launch (`poolSize` less its live instances).
@@ -437,7 +441,7 @@ pub fn plan_scale_up(pods: &[PendingPod], pools: &[PoolCandidate], cluster: &Clu
                     take(free, requests);
                 }
                 bin.taken += 1;
-                if bin.kind == BinKind::Warming {
+                if bin.kind == BinKind::Warming && pools[bin.pool].hands_over {
                     handed.insert((bin.pool, bin.node.instance_id.clone()));
                 }
                 result[bin.pool].pods.push(pod.key.clone());
@@ -540,6 +544,7 @@ mod tests {
             standby,
             zones: vec!["a".into(), "b".into()],
             node_size: Some(node("size", "a", 8000).free.unwrap()),
+            hands_over: true,
             ..Default::default()
         }
     }
@@ -773,6 +778,13 @@ mod tests {
         p.launch_room = 5;
         let plan = decide(&pods, &[p]);
         assert_eq!((plan.pools[0].handoff, plan.pools[0].launch), (1, 2));
+        // A pool whose user data powers off: the warming node is room on its way (nothing
+        // launched for it) but goes through standby, never straight to the pods.
+        let mut p = pool("p", vec![]);
+        p.warming = vec![node("i-warming", "a", 8000)];
+        p.hands_over = false;
+        let plan = decide(&pods[..1], &[p]);
+        assert_eq!((plan.pools[0].handoff, plan.pools[0].launch), (0, 0));
     }
 
     #[test]
