@@ -53,7 +53,7 @@ async fn deleting_a_pool_waits_for_its_pods_to_terminate() {
     let _operator = cluster.start_operator();
     cluster.apply_yaml(SCALE_TO_ZERO).await;
     cluster.wait_standby("on-demand", 2, 2).await;
-    cluster.apply_yaml(&slow_pod("server", "3s")).await;
+    cluster.apply_yaml(&slow_pod("server", "10s")).await;
     let node = cluster
         .running_node_of("server", Duration::from_secs(30))
         .await;
@@ -68,16 +68,17 @@ async fn deleting_a_pool_waits_for_its_pods_to_terminate() {
         .delete(&cluster.name("on-demand"), &DeleteParams::default())
         .await
         .unwrap();
-    // Evicted at once, then three seconds of shutdown with the object still there.
+    let deleted = tokio::time::Instant::now();
+    // Evicted at once, then ten seconds of shutdown with the object still there.
     let pods = cluster.pods();
-    cluster
+    let evicted = cluster
         .wait_for("the pod evicted", Duration::from_secs(20), || async {
             pods.get_opt("server")
                 .await
                 .ok()??
                 .metadata
                 .deletion_timestamp
-                .map(|_| ())
+                .map(|_| tokio::time::Instant::now())
         })
         .await;
     let gone = gone_at(&cluster, "server").await;
@@ -96,10 +97,20 @@ async fn deleting_a_pool_waits_for_its_pods_to_terminate() {
         .into_iter()
         .find(|c| c.operation == Operation::TerminateInstances && c.ids.contains(&instance))
         .expect("the instance was terminated");
+    println!(
+        "pool deletion drain: evicted at +{:.1}s, pod gone at +{:.1}s, TerminateInstances at +{:.1}s",
+        (evicted - deleted).as_secs_f64(),
+        (gone - deleted).as_secs_f64(),
+        (terminated.at - deleted).as_secs_f64()
+    );
     assert!(
         terminated.at >= gone,
         "terminated {:?} before its pod was gone",
         gone - terminated.at
+    );
+    assert!(
+        gone - evicted >= Duration::from_secs(9),
+        "the pod took its shutdown time"
     );
     let nodes: Api<Node> = Api::all(cluster.client.clone());
     assert!(nodes.get_opt(&node).await.unwrap().is_none());
@@ -114,12 +125,13 @@ async fn a_terminating_pod_keeps_its_node_from_scale_down() {
         .apply_yaml(&SCALE_TO_ZERO.replace("emptyNodeTTL: 2m", "emptyNodeTTL: 1s"))
         .await;
     cluster.wait_standby("on-demand", 2, 2).await;
-    cluster.apply_yaml(&slow_pod("job", "4s")).await;
+    cluster.apply_yaml(&slow_pod("job", "10s")).await;
     let node = cluster
         .running_node_of("job", Duration::from_secs(30))
         .await;
     let stops_before = cluster.cloud.call_count(Operation::StopInstances);
-    // The job is deleted and finishes its step for four seconds: the node is not empty.
+    // The job is deleted and finishes its step for ten seconds: the node is not empty.
+    let deleted = tokio::time::Instant::now();
     cluster
         .pods()
         .delete("job", &DeleteParams::default())
@@ -148,7 +160,16 @@ async fn a_terminating_pod_keeps_its_node_from_scale_down() {
             })
         })
         .expect("the node was stopped into standby");
+    println!(
+        "scale-down: pod deleted at +0.0s, gone at +{:.1}s, StopInstances at +{:.1}s",
+        (gone - deleted).as_secs_f64(),
+        (stopped.at - deleted).as_secs_f64()
+    );
     assert!(stopped.at >= gone, "stopped before the pod was gone");
+    assert!(
+        gone - deleted >= Duration::from_secs(9),
+        "the pod took its shutdown time"
+    );
     let left = cluster.pods().list(&ListParams::default()).await.unwrap();
     assert!(left.items.is_empty());
     cluster.invariants.assert_held().await;

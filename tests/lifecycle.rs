@@ -174,9 +174,29 @@ async fn a_warmup_cut_short_by_a_self_stop_is_resumed() {
     let cluster = TestCluster::start(options).await;
     cluster.apply_yaml(AWS_NODE).await;
     let operator = cluster.start_operator();
-    cluster.apply_yaml(QUICKSTART).await;
+    let t0 = tokio::time::Instant::now();
+    // The model image too: its pull outlasts the user data's poweroff delay.
+    cluster
+        .apply_yaml(&QUICKSTART.replace(
+            "minStandby: 3",
+            "minStandby: 3\n  preWarm:\n    imagesToPull:\n      - \"my-registry.com/llama-3:70b\"",
+        ))
+        .await;
     cluster.wait_standby("workers", 3, 3).await;
     assert_eq!(cluster.launched(), 3);
+    for c in cluster.cloud.calls() {
+        if matches!(
+            c.operation,
+            Operation::RunInstances | Operation::StartInstances | Operation::StopInstances
+        ) {
+            println!(
+                "resumed warmup: +{:.1}s {} {:?}",
+                (c.at - t0).as_secs_f64(),
+                c.operation.as_str(),
+                c.ids
+            );
+        }
+    }
     // Each was started again (no user data runs then), finished warming up, and was stopped
     // by Stratos itself.
     let restarted: std::collections::BTreeSet<String> = cluster
@@ -203,8 +223,9 @@ async fn a_warmup_cut_short_by_a_self_stop_is_resumed() {
             .flat_map(|i| i.names.unwrap_or_default())
             .collect();
         assert!(
-            images.contains(&"amazon-k8s-cni:v1.19.0".to_owned()),
-            "standby only once the DaemonSet image is on disk: {images:?}"
+            images.contains(&"amazon-k8s-cni:v1.19.0".to_owned())
+                && images.contains(&"my-registry.com/llama-3:70b".to_owned()),
+            "standby only once the DaemonSet and model images are on disk: {images:?}"
         );
     }
     let metrics = operator.metrics.render();
