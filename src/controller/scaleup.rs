@@ -464,7 +464,7 @@ fn gather(
                     .and_then(|n| n.annotations().get(LAST_USED_ANNOTATION))
                     .and_then(|t| t.parse::<jiff::Timestamp>().ok())
                     .map(SystemTime::from),
-                stopping: inst.state == InstanceState::Stopping,
+                stopping: inst.state != InstanceState::Stopped,
             };
             let just_started =
                 memory.started.contains_key(&inst.id) && state != Some(NodeState::Running);
@@ -479,17 +479,22 @@ fn gather(
                     candidate.starting.push(cand)
                 }
                 _ if just_started => candidate.starting.push(cand),
-                // A stopping one is room too, started once stopped (EC2 refuses it before).
-                (Some(NodeState::Standby), InstanceState::Stopped | InstanceState::Stopping)
+                (Some(NodeState::Standby), InstanceState::Stopped)
                     if !memory.backoff.contains_key(&inst.id) =>
                 {
                     candidate.standby.push(cand)
                 }
-                // Launched and not yet registered or warming: capacity on its way.
-                (
-                    None | Some(NodeState::Warmup),
-                    InstanceState::Pending | InstanceState::Running,
-                ) => candidate.warming.push(cand),
+                // On its way into standby (still stopping, or the stop not yet in the
+                // listing): room, started once stopped (EC2 refuses it before).
+                (Some(NodeState::Standby), _) if !memory.backoff.contains_key(&inst.id) => {
+                    candidate.standby.push(CandidateNode {
+                        stopping: true,
+                        ..cand
+                    })
+                }
+                // Launched, registering, warming, or powered off mid-warmup (to be resumed):
+                // capacity on its way.
+                (None | Some(NodeState::Warmup), _) => candidate.warming.push(cand),
                 // Running nodes are never room: kube-scheduler already refused the pods.
                 _ => {}
             }
