@@ -394,6 +394,19 @@ fn cold_pool(powers_off: bool) -> String {
     }
 }
 
+/// Waits until the quickstart pool has been reconciled once (its conditions are written).
+async fn pool_reconciled(cluster: &TestCluster) {
+    cluster
+        .wait_for("the pool reconciled", Duration::from_secs(20), || async {
+            let s = cluster.pool_status("workers").await?;
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready")
+                .then_some(())
+        })
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_user_data_powers_off_reaches_pods_only_through_standby() {
     // The seeds' user data powers the instance off after its first boot: handed over at
@@ -403,15 +416,7 @@ async fn a_node_whose_user_data_powers_off_reaches_pods_only_through_standby() {
     let cluster = TestCluster::start(options).await;
     let _operator = cluster.start_operator();
     cluster.apply_yaml(&cold_pool(true)).await;
-    cluster
-        .wait_for("the pool at rest", Duration::from_secs(20), || async {
-            let s = cluster.pool_status("workers").await?;
-            s.conditions
-                .iter()
-                .any(|c| c.type_ == "Ready")
-                .then_some(())
-        })
-        .await;
+    pool_reconciled(&cluster).await;
     cluster.apply_yaml(&web_pod("web-0", json!({}))).await;
     let node = cluster
         .running_node_of("web-0", Duration::from_secs(45))
@@ -451,15 +456,7 @@ async fn a_node_whose_user_data_does_not_power_off_is_handed_over_warm() {
     let cluster = TestCluster::start(ClusterOptions::default()).await;
     let _operator = cluster.start_operator();
     cluster.apply_yaml(&cold_pool(false)).await;
-    cluster
-        .wait_for("the pool at rest", Duration::from_secs(20), || async {
-            let s = cluster.pool_status("workers").await?;
-            s.conditions
-                .iter()
-                .any(|c| c.type_ == "Ready")
-                .then_some(())
-        })
-        .await;
+    pool_reconciled(&cluster).await;
     cluster.apply_yaml(&web_pod("web-0", json!({}))).await;
     cluster
         .running_node_of("web-0", Duration::from_secs(45))

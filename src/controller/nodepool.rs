@@ -620,60 +620,54 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
         }
     }
 
-    let restarts: Vec<String> = plan
-        .actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Start { instance } => Some(instance.clone()),
-            _ => None,
-        })
-        .collect();
-    if !restarts.is_empty() {
-        let outcome = ctx.cloud.start_instances(&restarts).await;
+    // Starts re-issued for nodes marked starting, and warmups resumed after a self-stop:
+    // one call for both, each id's result apart.
+    let (mut restarts, mut resumed) = (Vec::new(), Vec::new());
+    for action in &plan.actions {
+        match action {
+            Action::Start { instance } => restarts.push(instance.clone()),
+            Action::ResumeWarmup { instance } => resumed.push(instance.clone()),
+            _ => {}
+        }
+    }
+    let outcome = if restarts.is_empty() && resumed.is_empty() {
+        Default::default()
+    } else {
+        let ids: Vec<String> = restarts.iter().chain(&resumed).cloned().collect();
+        let outcome = ctx.cloud.start_instances(&ids).await;
         ctx.instances
             .record(Change::State(&outcome.succeeded, InstanceState::Pending))
             .await;
-        tracing::info!(pool = %name, instances = ?restarts, "start (re-)issued for nodes marked starting");
         for (id, e) in &outcome.failed {
             tracing::warn!(pool = %name, instance = %id, error = %e, "start failed");
             errors.push(Error::Cloud(e.clone()));
         }
+        outcome
+    };
+    if !restarts.is_empty() {
+        tracing::info!(pool = %name, instances = ?restarts, "start (re-)issued for nodes marked starting");
     }
-
-    let resumed: Vec<String> = plan
-        .actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::ResumeWarmup { instance } => Some(instance.clone()),
-            _ => None,
-        })
+    let resumed: Vec<String> = outcome
+        .succeeded
+        .into_iter()
+        .filter(|id| resumed.contains(id))
         .collect();
     if !resumed.is_empty() {
-        let outcome = ctx.cloud.start_instances(&resumed).await;
-        ctx.instances
-            .record(Change::State(&outcome.succeeded, InstanceState::Pending))
-            .await;
-        for id in &outcome.succeeded {
+        for id in &resumed {
             ctx.metrics.warmup_result(&name, "resumed", None);
             tracing::info!(pool = %name, instance = %id, "self-stopped before warmup was complete: started again to finish it");
         }
-        if !outcome.succeeded.is_empty() {
-            ctx.publish(
-                pool,
-                false,
-                "WarmupResumed",
-                format!(
-                    "{} instance(s) powered off before their warmup was complete (images, DaemonSet pods); started again to finish it: {}",
-                    outcome.succeeded.len(),
-                    outcome.succeeded.join(", ")
-                ),
-            )
-            .await;
-        }
-        for (id, e) in &outcome.failed {
-            tracing::warn!(pool = %name, instance = %id, error = %e, "could not resume warmup");
-            errors.push(Error::Cloud(e.clone()));
-        }
+        ctx.publish(
+            pool,
+            false,
+            "WarmupResumed",
+            format!(
+                "{} instance(s) powered off before their warmup was complete (images, DaemonSet pods); started again to finish it: {}",
+                resumed.len(),
+                resumed.join(", ")
+            ),
+        )
+        .await;
     }
 
     for action in &plan.actions {
