@@ -57,13 +57,7 @@ async fn deleting_a_pool_waits_for_its_pods_to_terminate() {
     let node = cluster
         .running_node_of("server", Duration::from_secs(30))
         .await;
-    let instance = cluster
-        .cloud
-        .all_instances()
-        .into_iter()
-        .find(|i| i.private_dns_name.as_deref() == Some(node.as_str()))
-        .unwrap()
-        .id;
+    let instance = cluster.instance_of_node(&node).id;
     Api::<NodePool>::all(cluster.client.clone())
         .delete(&cluster.name("on-demand"), &DeleteParams::default())
         .await

@@ -895,12 +895,7 @@ async fn scale_to_zero_starts_one_node_and_returns_it_to_standby() {
         })
         .await;
     assert!(cluster.cloud.call_count(Operation::StopInstances) > stops_before);
-    let inst = cluster
-        .cloud
-        .all_instances()
-        .into_iter()
-        .find(|i| i.private_dns_name.as_deref() == Some(node.as_str()))
-        .unwrap();
+    let inst = cluster.instance_of_node(&node);
     assert!(matches!(
         inst.state,
         InstanceState::Stopped | InstanceState::Stopping
@@ -951,12 +946,7 @@ async fn a_pdb_blocked_drain_is_aborted_and_the_node_runs_again() {
         "nothing is force-deleted"
     );
     assert_eq!(p.status.unwrap().phase.as_deref(), Some("Running"));
-    let inst = cluster
-        .cloud
-        .all_instances()
-        .into_iter()
-        .find(|i| i.private_dns_name.as_deref() == Some(node.as_str()))
-        .unwrap();
+    let inst = cluster.instance_of_node(&node);
     assert_eq!(
         inst.state,
         InstanceState::Running,

@@ -289,12 +289,7 @@ async fn a_start_that_fails_for_capacity_is_served_by_another_standby_node() {
     let node = cluster
         .running_node_of("web-0", Duration::from_secs(30))
         .await;
-    let ran_on = cluster
-        .cloud
-        .all_instances()
-        .into_iter()
-        .find(|i| i.private_dns_name.as_deref() == Some(node.as_str()))
-        .unwrap();
+    let ran_on = cluster.instance_of_node(&node);
     assert_eq!(ran_on.id, sound, "the other standby node");
     let starts = cluster.starts_since(before, "sticky InsufficientInstanceCapacity");
     assert_eq!(starts.len(), 2, "the failed start, then the other node");
@@ -421,13 +416,7 @@ async fn a_node_whose_user_data_powers_off_reaches_pods_only_through_standby() {
     let node = cluster
         .running_node_of("web-0", Duration::from_secs(45))
         .await;
-    let instance = cluster
-        .cloud
-        .all_instances()
-        .into_iter()
-        .find(|i| i.private_dns_name.as_deref() == Some(node.as_str()))
-        .unwrap()
-        .id;
+    let instance = cluster.instance_of_node(&node).id;
     // Launched, stopped (by Stratos or by itself), then started for the pod.
     let started: Vec<String> = cluster
         .cloud

@@ -412,6 +412,15 @@ impl TestCluster {
             .collect()
     }
 
+    /// The instance behind Node `node` (named after its private DNS name).
+    pub fn instance_of_node(&self, node: &str) -> stratos::cloud::Instance {
+        self.cloud
+            .all_instances()
+            .into_iter()
+            .find(|i| i.private_dns_name.as_deref() == Some(node))
+            .unwrap_or_else(|| panic!("no instance behind node {node}"))
+    }
+
     /// Instances launched so far.
     pub fn launched(&self) -> usize {
         self.cloud
