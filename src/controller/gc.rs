@@ -27,6 +27,12 @@ pub async fn run(ctx: Arc<Context>, pools: Store<NodePool>, shutdown: impl Futur
 }
 
 pub async fn collect(ctx: &Context, pools: &Store<NodePool>) {
+    // A pool missing from a stale pool cache, or a Node missing from a stale node cache,
+    // is no evidence of anything: collect only from a current view.
+    if !ctx.stores.freshness.current() {
+        tracing::info!(stale = ?ctx.stores.freshness.stale(), "garbage collection waits for the caches to catch up");
+        return;
+    }
     let Ok((listed_at, instances)) = ctx.instances.get().await else {
         return;
     };

@@ -8,6 +8,7 @@ pub mod instances;
 pub mod nodeclass;
 pub mod nodepool;
 pub mod podcache;
+pub mod reflect;
 pub mod scaleup;
 mod trim;
 
@@ -18,17 +19,16 @@ use std::{
     time::Duration,
 };
 
-use futures::{FutureExt, StreamExt, future::BoxFuture};
+use futures::FutureExt;
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
     core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod},
 };
 use kube::{
-    Api, Client, Resource,
+    Client, Resource,
     runtime::{
-        WatchStreamExt,
         events::{Recorder, Reporter},
-        reflector::{self, Store},
+        reflector::Store,
         watcher,
     },
 };
@@ -103,6 +103,9 @@ pub struct Stores {
     /// Claims and volumes: a pending pod's bound zonal volume pins it to a zone (SPEC §6).
     pub claims: Store<PersistentVolumeClaim>,
     pub volumes: Store<PersistentVolume>,
+    /// Whether the caches a pool's decision reads (nodes, pods, DaemonSets, pools) are
+    /// current: destructive actions wait for it (SPEC §11, I1/I5).
+    pub freshness: reflect::Freshness,
 }
 
 /// What `reconcile` gets (the controller-rs shape).
@@ -230,46 +233,6 @@ fn trimmed_node(mut node: Node) -> Node {
     node
 }
 
-/// A reflector over every `S`, storing each as `convert` makes it (trimmed, or a compact
-/// form such as [`CachedPod`]).
-fn shared_store<S, K>(
-    client: &Client,
-    watch: watcher::Config,
-    notify: Vec<Arc<Notify>>,
-    convert: fn(S) -> K,
-) -> (Store<K>, BoxFuture<'static, ()>)
-where
-    S: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
-{
-    use futures::TryStreamExt;
-    use kube::runtime::watcher::Event;
-    let (reader, writer) = reflector::store();
-    let events = watcher(Api::<S>::all(client.clone()), watch).map_ok(move |event| match event {
-        Event::Apply(o) => Event::Apply(convert(o)),
-        Event::Delete(o) => Event::Delete(convert(o)),
-        Event::Init => Event::Init,
-        Event::InitApply(o) => Event::InitApply(convert(o)),
-        Event::InitDone => Event::InitDone,
-    });
-    let stream = reflector::reflector(writer, events)
-        .default_backoff()
-        .touched_objects();
-    let fut = async move {
-        let mut stream = std::pin::pin!(stream);
-        while stream.next().await.is_some() {
-            notify.iter().for_each(|n| n.notify_one());
-        }
-    };
-    (reader, Box::pin(fut))
-}
-
 /// Runs every controller until `shutdown` resolves, then waits for in-flight reconciles.
 /// Only the leader calls this.
 pub async fn run(
@@ -284,33 +247,43 @@ pub async fn run(
     let notify = Arc::new(Notify::new());
     let pods_changed = Arc::new(Notify::new());
     let all = watcher::Config::default;
-    let (nodes, nodes_task) = shared_store(
+    let (nodes, nodes_health, nodes_task) = reflect::cache(
+        "nodes",
         &client,
         all(),
         vec![notify.clone(), pods_changed.clone()],
         trimmed_node,
     );
-    let (pods, pods_task) = shared_store::<Pod, _>(
+    let (pods, pods_health, pods_task) = reflect::cache::<Pod, _>(
+        "pods",
         &client,
         all(),
         vec![notify.clone(), pods_changed.clone()],
         CachedPod::from,
     );
-    let (daemonsets, ds_task) =
-        shared_store::<DaemonSet, _>(&client, all(), vec![notify.clone()], drop_managed_fields);
-    let (claims, claims_task) = shared_store::<PersistentVolumeClaim, _>(
+    let (daemonsets, ds_health, ds_task) = reflect::cache::<DaemonSet, _>(
+        "daemonsets",
+        &client,
+        all(),
+        vec![notify.clone()],
+        drop_managed_fields,
+    );
+    let (claims, _, claims_task) = reflect::cache::<PersistentVolumeClaim, _>(
+        "persistentvolumeclaims",
         &client,
         all(),
         vec![pods_changed.clone()],
         drop_managed_fields,
     );
-    let (volumes, volumes_task) = shared_store::<PersistentVolume, _>(
+    let (volumes, _, volumes_task) = reflect::cache::<PersistentVolume, _>(
+        "persistentvolumes",
         &client,
         all(),
         vec![pods_changed.clone()],
         drop_managed_fields,
     );
-    let (classes, classes_task) = shared_store::<AWSNodeClass, _>(
+    let (classes, _, classes_task) = reflect::cache::<AWSNodeClass, _>(
+        "awsnodeclasses",
         &client,
         config.scoped_watch(),
         vec![notify.clone()],
@@ -319,12 +292,17 @@ pub async fn run(
     // Our own NodePool cache for GC and the class controller: the readiness of the pool
     // controller's internal store was never signalled in testing (kube-runtime 5.0).
     let pools_changed = Arc::new(Notify::new());
-    let (pool_store, pools_task) = shared_store::<crate::api::NodePool, _>(
+    let (pool_store, pools_health, pools_task) = reflect::cache::<crate::api::NodePool, _>(
+        "nodepools",
         &client,
         config.scoped_watch(),
         vec![pools_changed.clone(), pods_changed.clone()],
         drop_managed_fields,
     );
+    // GC terminates the instances of pools missing from the pool cache: it is part of the
+    // view destructive actions need current.
+    let freshness =
+        reflect::Freshness::new(vec![nodes_health, pods_health, ds_health, pools_health]);
     let background = tokio::spawn(async move {
         tokio::join!(
             nodes_task,
@@ -366,6 +344,7 @@ pub async fn run(
             classes,
             claims,
             volumes,
+            freshness,
         },
         metrics,
         failures: Mutex::new(HashMap::new()),

@@ -225,6 +225,9 @@ struct Gathered {
 
 async fn gather(pool: &NodePool, ctx: &Context, deleting: bool) -> Result<Gathered, Error> {
     let name = pool.name_any();
+    // Current before the caches are read and still after: nothing in between came from a
+    // store whose watch had failed.
+    let current_before = ctx.stores.freshness.current();
     let (_, instances) = ctx.instances.get().await?;
     let members_instances: Vec<&Instance> = instances
         .iter()
@@ -295,6 +298,7 @@ async fn gather(pool: &NodePool, ctx: &Context, deleting: bool) -> Result<Gather
         class: class.as_ref().map(|(_, v)| v.clone()),
         members,
         now: SystemTime::now(),
+        view_current: current_before && ctx.stores.freshness.current(),
     };
     Ok(Gathered {
         snapshot,
@@ -330,6 +334,15 @@ async fn reconcile_pool(pool: &NodePool, ctx: &Context, deleting: bool) -> Resul
         Err(e) => return Err(e),
     };
     let plan = plan::plan_pool(&gathered.snapshot);
+    if !plan.held.is_empty() {
+        let held: Vec<String> = plan.held.iter().map(describe_action).collect();
+        tracing::info!(
+            pool = %name,
+            stale = ?ctx.stores.freshness.stale(),
+            ?held,
+            "waiting for the caches to catch up before destructive actions"
+        );
+    }
     let mut errors = execute(pool, ctx, &gathered, &plan).await;
     if !deleting {
         errors.extend(converge_nodes(pool, ctx, &gathered, &plan).await);
@@ -372,6 +385,7 @@ async fn reconcile_pool(pool: &NodePool, ctx: &Context, deleting: bool) -> Resul
         .members
         .iter()
         .any(|m| !matches!(m.phase(), Phase::Standby | Phase::Running | Phase::Gone))
+        || !plan.held.is_empty()
         || plan
             .actions
             .iter()
@@ -381,6 +395,54 @@ async fn reconcile_pool(pool: &NodePool, ctx: &Context, deleting: bool) -> Resul
     } else {
         ctx.config.resync
     }))
+}
+
+/// The Node of `instance`, read from the API server rather than the cache: by name (EKS
+/// names a Node after its instance's private DNS name), then among all Nodes by provider ID.
+/// Only for the rare "did it register at all?" question before a warmup is judged failed.
+async fn registered_node(ctx: &Context, instance: &Instance) -> Result<Option<String>, Error> {
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    let is_of = |n: &Node| {
+        n.spec
+            .as_ref()
+            .and_then(|s| s.provider_id.as_deref())
+            .and_then(parse_provider_id)
+            .is_some_and(|(_, id)| id == instance.id)
+    };
+    if let Some(dns) = instance
+        .private_dns_name
+        .as_deref()
+        .filter(|d| !d.is_empty())
+        && let Some(node) = api.get_opt(dns).await?
+        && is_of(&node)
+    {
+        return Ok(Some(node.name_any()));
+    }
+    let mut params = kube::api::ListParams::default().limit(500);
+    loop {
+        let page = api.list(&params).await?;
+        if let Some(node) = page.items.iter().find(|n| is_of(n)) {
+            return Ok(Some(node.name_any()));
+        }
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(None),
+        }
+    }
+}
+
+/// One line per action, for logs.
+fn describe_action(a: &Action) -> String {
+    match a {
+        Action::Terminate {
+            instance, reason, ..
+        } => format!("terminate {instance} ({})", reason.as_str()),
+        Action::EnterStandby {
+            instance, reason, ..
+        } => format!("standby {instance} ({reason:?})"),
+        Action::Drain { instance, .. } => format!("drain {instance}"),
+        other => format!("{other:?}"),
+    }
 }
 
 fn desired_labels(pool: &NodePool, state: NodeState) -> BTreeMap<String, String> {
@@ -435,6 +497,37 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
     let mut errors = Vec::new();
     let member = |id: &str| g.snapshot.members.iter().find(|m| m.id() == id);
 
+    // "No Node registered" was read from the cache; a cache can be behind even when its
+    // watch is healthy. Confirm it with the API server before anything acts on it.
+    let mut unconfirmed: Vec<&str> = Vec::new();
+    for action in &plan.actions {
+        let (Action::Terminate {
+            instance,
+            reason: TerminateReason::StoppedBeforeRegistering,
+            ..
+        }
+        | Action::EnterStandby {
+            instance,
+            reason: StandbyReason::StoppedBeforeRegistering,
+            ..
+        }) = action
+        else {
+            continue;
+        };
+        let Some(m) = member(instance) else { continue };
+        match registered_node(ctx, &m.instance).await {
+            Ok(None) => {}
+            Ok(Some(node)) => {
+                tracing::info!(pool = %name, instance = %instance, node = %node, "its Node registered after all (the cache is behind): not a failed warmup");
+                unconfirmed.push(instance);
+            }
+            Err(e) => {
+                tracing::warn!(pool = %name, instance = %instance, error = %e, "could not confirm that no Node registered; deciding again next round");
+                unconfirmed.push(instance);
+            }
+        }
+    }
+
     // Terminations first, so a launch in the same round sees the room they make.
     let terminations: Vec<(&String, &Option<String>, &TerminateReason)> = plan
         .actions
@@ -444,7 +537,7 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
                 instance,
                 node,
                 reason,
-            } => Some((instance, node, reason)),
+            } if !unconfirmed.contains(&instance.as_str()) => Some((instance, node, reason)),
             _ => None,
         })
         .collect();
@@ -511,6 +604,9 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
         else {
             continue;
         };
+        if unconfirmed.contains(&instance.as_str()) {
+            continue;
+        }
         let Some(m) = member(instance) else { continue };
         if let Some(node) = g.nodes.get(instance) {
             let patch = json!({

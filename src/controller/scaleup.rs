@@ -414,7 +414,16 @@ fn gather(
             hands_over,
             labels: labels.clone(),
             taints: pool.spec.template.taints.clone(),
-            launch_room: (pool.spec.pool_size.max(0) as usize).saturating_sub(members.len()),
+            // I1: instances still shutting down count against poolSize too.
+            launch_room: (pool.spec.pool_size.max(0) as usize).saturating_sub(
+                instances
+                    .iter()
+                    .filter(|i| {
+                        i.tag(tags::POOL) == Some(name.as_str())
+                            && i.state != InstanceState::Terminated
+                    })
+                    .count(),
+            ),
             node_size: node_size.clone(),
             zones,
             ..Default::default()

@@ -47,6 +47,11 @@ pub struct PoolSnapshot {
     pub class: Option<ClassView>,
     pub members: Vec<Member>,
     pub now: SystemTime,
+    /// The Node, Pod, DaemonSet and NodePool caches are current: listed completely and
+    /// watching without error since (SPEC §4). When they are not, what the snapshot says
+    /// about Nodes and pods may be minutes old, and nothing that cannot be undone is
+    /// decided from it (see [`needs_current_view`]).
+    pub view_current: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,6 +189,40 @@ pub struct Plan {
     pub actions: Vec<Action>,
     pub counts: Counts,
     pub problems: Vec<Problem>,
+    /// Actions the snapshot called for but that wait for a current view.
+    pub held: Vec<Action>,
+}
+
+/// Whether `action` destroys something or cannot be undone, so that it may only be decided
+/// from a current view (SPEC §11, I1/I3/I5). After an API outage a stale Node cache shows a
+/// freshly registered node as missing and a stale pod cache shows a busy node as empty:
+/// terminating, stopping or draining on that evidence loses warm instances or running pods.
+/// Starts, launches within `poolSize`, hand-overs, labels and pre-pull pods are reversible
+/// and go ahead.
+pub fn needs_current_view(action: &Action, members: &[Member]) -> bool {
+    use crate::cloud::InstanceState as I;
+    match action {
+        Action::Terminate { .. } | Action::Drain { .. } => true,
+        // "No Node registered" concluded from the absence of a cached Node.
+        Action::EnterStandby {
+            reason: StandbyReason::StoppedBeforeRegistering,
+            ..
+        } => true,
+        // Stopping an instance that runs; recording the standby intent of a stopped one is
+        // harmless.
+        Action::EnterStandby { instance, .. } => members
+            .iter()
+            .find(|m| m.id() == instance)
+            .is_none_or(|m| matches!(m.instance.state, I::Pending | I::Running)),
+        Action::Launch { .. }
+        | Action::CreatePrePullPod { .. }
+        | Action::Handoff { .. }
+        | Action::Start { .. }
+        | Action::ResumeWarmup { .. }
+        | Action::AbortDrain { .. }
+        | Action::MarkEmpty { .. }
+        | Action::ClearEmpty { .. } => false,
+    }
 }
 
 fn launched_at(m: &Member) -> Option<SystemTime> {
@@ -239,6 +278,7 @@ pub fn plan_pool(snap: &PoolSnapshot) -> Plan {
                 }),
             }
         }
+        hold_unless_current(&mut plan, snap);
         return plan;
     }
 
@@ -435,6 +475,18 @@ pub fn plan_pool(snap: &PoolSnapshot) -> Plan {
         }
     }
 
+    // From a stale view the destructive decisions above wait; what they would have
+    // removed still stands for replenishment.
+    hold_unless_current(&mut plan, snap);
+    let terminating: Vec<&str> = plan
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Terminate { instance, .. } => Some(instance.as_str()),
+            _ => None,
+        })
+        .collect();
+
     // Replenish: keep standby + warmup (of the current class) at minStandby, within poolSize.
     if let Some(class) = snap.class.as_ref().filter(|c| c.ready) {
         let kept: Vec<&&Member> = live
@@ -457,8 +509,21 @@ pub fn plan_pool(snap: &PoolSnapshot) -> Plan {
                 )
             })
             .count();
-        let need = snap.pool.min_standby.saturating_sub(available) + snap.pool.demand_nodes;
-        let room = snap.pool.pool_size.saturating_sub(kept.len());
+        // Pending pods' demand comes from the pod cache: not from a stale one.
+        let demand = if snap.view_current {
+            snap.pool.demand_nodes
+        } else {
+            0
+        };
+        let need = snap.pool.min_standby.saturating_sub(available) + demand;
+        // I1 at every instant: an instance counts against poolSize until EC2 says it is
+        // terminated — those shutting down, and those this round terminates, included.
+        let occupied = snap
+            .members
+            .iter()
+            .filter(|m| m.instance.state != crate::cloud::InstanceState::Terminated)
+            .count();
+        let room = snap.pool.pool_size.saturating_sub(occupied);
         let count = need.min(room);
         if count > 0 {
             let live_ids: Vec<String> = live.iter().map(|m| m.id().to_owned()).collect();
@@ -476,6 +541,18 @@ pub fn plan_pool(snap: &PoolSnapshot) -> Plan {
         }
     }
     plan
+}
+
+/// Moves what needs a current view out of the actions when the view is not current.
+fn hold_unless_current(plan: &mut Plan, snap: &PoolSnapshot) {
+    if snap.view_current {
+        return;
+    }
+    let (mut held, go): (Vec<Action>, Vec<Action>) = std::mem::take(&mut plan.actions)
+        .into_iter()
+        .partition(|a| needs_current_view(a, &snap.members));
+    plan.actions = go;
+    plan.held.append(&mut held);
 }
 
 #[cfg(test)]
@@ -599,6 +676,7 @@ mod tests {
             }),
             members,
             now: at(0),
+            view_current: true,
         }
     }
 
@@ -868,13 +946,43 @@ mod tests {
                 "terminated instances do not count",
                 snapshot(
                     vec![member(
-                        instance("a", ShuttingDown, "standby", "h1", 60),
+                        instance("a", InstanceState::Terminated, "standby", "h1", 60),
                         None,
                     )],
                     1,
                     1,
                 ),
                 vec!["launch 1"],
+            ),
+            (
+                "I1: an instance shutting down counts against poolSize until it is terminated",
+                snapshot(
+                    vec![member(
+                        instance("a", ShuttingDown, "standby", "h1", 60),
+                        None,
+                    )],
+                    1,
+                    1,
+                ),
+                vec![],
+            ),
+            (
+                "I1: a failed warmup in a full pool is replaced once its instance is gone, not in the same round",
+                snapshot(
+                    vec![member(instance("a", Stopped, "warmup", "h1", 30), None)],
+                    1,
+                    1,
+                ),
+                vec!["terminate a StoppedBeforeRegistering"],
+            ),
+            (
+                "a failed warmup with room in the pool is replaced at once",
+                snapshot(
+                    vec![member(instance("a", Stopped, "warmup", "h1", 30), None)],
+                    2,
+                    1,
+                ),
+                vec!["terminate a StoppedBeforeRegistering", "launch 1"],
             ),
             (
                 "pending instances count",
@@ -906,6 +1014,137 @@ mod tests {
         ];
         for (what, snap, expected) in cases {
             assert_eq!(summary(&plan_pool(&snap)), expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_stale_view_decides_nothing_destructive() {
+        let stale = |mut s: PoolSnapshot| {
+            s.view_current = false;
+            s
+        };
+        let empty_for_an_hour = |id: &str| {
+            let mut m = running(id);
+            let n = m.node.as_mut().unwrap();
+            n.workload_pods = 0;
+            n.empty_since = Some(at(3600));
+            m
+        };
+        let warm_ready = |id: &str| {
+            member(
+                instance(id, Running, "warmup", "h1", 30),
+                Some(node(
+                    id,
+                    Some(WarmupLabel),
+                    true,
+                    (1, 1),
+                    PrePull::NotNeeded,
+                )),
+            )
+        };
+        let self_stopped = |id: &str| {
+            member(
+                instance(id, Stopped, "warmup", "h1", 30),
+                Some(node(
+                    id,
+                    Some(WarmupLabel),
+                    false,
+                    (1, 1),
+                    PrePull::NotNeeded,
+                )),
+            )
+        };
+        let stopped_without_node =
+            |id: &str| member(instance(id, Stopped, "warmup", "h1", 30), None);
+        let mut deleting = snapshot(vec![standby("a", "h1"), running("b")], 3, 1);
+        deleting.pool.deleting = true;
+        let mut demand = snapshot(vec![], 5, 0);
+        demand.pool.demand_nodes = 2;
+        // (what, snapshot, actions taken, actions held)
+        let cases: Vec<(&str, PoolSnapshot, Vec<&str>, Vec<&str>)> = vec![
+            (
+                "a stopped warming instance without a cached Node is not judged a failed warmup",
+                snapshot(vec![stopped_without_node("a")], 4, 1),
+                vec![],
+                vec!["terminate a StoppedBeforeRegistering"],
+            ),
+            (
+                "same with timeoutAction Stop: not marked standby either",
+                {
+                    let mut s = snapshot(vec![stopped_without_node("a")], 4, 1);
+                    s.pool.timeout_action = TimeoutAction::Stop;
+                    s
+                },
+                vec![],
+                vec!["standby a StoppedBeforeRegistering"],
+            ),
+            (
+                "trim terminates nothing",
+                snapshot(vec![standby("a", "h1"), standby("b", "h1")], 1, 1),
+                vec![],
+                vec!["terminate a Trim"],
+            ),
+            (
+                "drift terminates nothing (the current class's replacement still launches)",
+                snapshot(vec![standby("a", "h0"), standby("b", "h1")], 10, 2),
+                vec!["launch 1"],
+                vec!["terminate a Drift"],
+            ),
+            (
+                "a warm running node is not stopped",
+                snapshot(vec![warm_ready("a")], 4, 1),
+                vec![],
+                vec!["standby a WarmupComplete"],
+            ),
+            (
+                "an empty node past its TTL is not drained",
+                snapshot(vec![empty_for_an_hour("a")], 4, 0),
+                vec![],
+                vec!["drain a"],
+            ),
+            (
+                "a deleted pool terminates and drains nothing",
+                deleting,
+                vec![],
+                vec!["terminate a PoolDeleted", "drain b"],
+            ),
+            (
+                "a raised minStandby still launches, within poolSize",
+                snapshot(vec![standby("a", "h1")], 4, 3),
+                vec!["launch 2"],
+                vec![],
+            ),
+            (
+                "pending pods' demand is not launched for from a stale pod cache",
+                demand,
+                vec![],
+                vec![],
+            ),
+            (
+                "a self-stopped node with its Node cached resumes its warmup (a start)",
+                snapshot(vec![self_stopped("a")], 4, 1),
+                vec!["resume a"],
+                vec![],
+            ),
+        ];
+        for (what, snap, taken, held) in cases {
+            let fresh = plan_pool(&snap);
+            let plan = plan_pool(&stale(snap));
+            assert_eq!(summary(&plan), taken, "{what}");
+            let held_plan = Plan {
+                actions: plan.held.clone(),
+                ..Default::default()
+            };
+            assert_eq!(summary(&held_plan), held, "{what}: held");
+            // What is held is exactly what a current view would have done on top.
+            let mut all = plan.actions.clone();
+            all.extend(plan.held.clone());
+            for a in &fresh.actions {
+                assert!(
+                    all.contains(a) || matches!(a, Action::Launch { .. }),
+                    "{what}: {a:?} neither taken nor held"
+                );
+            }
         }
     }
 
