@@ -7,6 +7,9 @@
 #   export STRATOS_E2E_KUBECONFIG=$HOME/.cache/stratos/real-cluster/admin.kubeconfig
 #   cargo test --test lifecycle
 #   testkit/real-cluster.sh down                        # stop; `wipe` also deletes the data
+#   K8S_BIN=... testkit/real-cluster.sh outage 30       # kill kube-apiserver, restart it
+#                                                       # 30 s later (the outage tests:
+#   export STRATOS_E2E_OUTAGE_CMD="K8S_BIN=... $PWD/testkit/real-cluster.sh outage")
 #
 # K8S_BIN holds kube-apiserver, kube-controller-manager and kube-scheduler (any build of
 # Kubernetes 1.30+). etcd comes from ETCD or PATH (Debian: etcd-server). Nothing here builds
@@ -90,23 +93,8 @@ start() {
   echo $! >"$dir/$name.pid"
 }
 
-up() {
-  : "${K8S_BIN:?set K8S_BIN to the folder holding kube-apiserver, kube-controller-manager and kube-scheduler}"
-  local etcd="${ETCD:-$(command -v etcd || true)}"
-  [ -x "$etcd" ] || { echo "etcd not found: set ETCD or install it (Debian: etcd-server)" >&2; exit 1; }
-  for b in kube-apiserver kube-controller-manager kube-scheduler; do
-    [ -x "$K8S_BIN/$b" ] || { echo "missing $K8S_BIN/$b" >&2; exit 1; }
-  done
-  stop
-  mkdir -p "$dir/etcd"
-  certs
-  kubeconfig
+start_apiserver() {
   local pki="$dir/pki"
-  start etcd "$etcd" --data-dir "$dir/etcd" --name e2e \
-    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
-    --listen-peer-urls "http://127.0.0.1:$((etcd_port + 1))" \
-    --initial-advertise-peer-urls "http://127.0.0.1:$((etcd_port + 1))" \
-    --initial-cluster "e2e=http://127.0.0.1:$((etcd_port + 1))"
   start kube-apiserver "$K8S_BIN/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
     --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$port" \
@@ -126,6 +114,39 @@ up() {
     sleep 0.5
   done
   [ -n "$ready" ] || { echo "kube-apiserver did not become ready; see $dir/kube-apiserver.log" >&2; exit 1; }
+}
+
+# Stops kube-apiserver (SIGKILL, as a crash), keeps it down for $1 seconds, starts it again
+# and returns once it is ready: the outage tests' STRATOS_E2E_OUTAGE_CMD.
+outage() {
+  local secs=${1:?seconds}
+  : "${K8S_BIN:?set K8S_BIN to the folder holding kube-apiserver}"
+  local pid
+  pid=$(cat "$dir/kube-apiserver.pid")
+  kill -9 "$pid" 2>/dev/null || true
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  sleep "$secs"
+  start_apiserver
+}
+
+up() {
+  : "${K8S_BIN:?set K8S_BIN to the folder holding kube-apiserver, kube-controller-manager and kube-scheduler}"
+  local etcd="${ETCD:-$(command -v etcd || true)}"
+  [ -x "$etcd" ] || { echo "etcd not found: set ETCD or install it (Debian: etcd-server)" >&2; exit 1; }
+  for b in kube-apiserver kube-controller-manager kube-scheduler; do
+    [ -x "$K8S_BIN/$b" ] || { echo "missing $K8S_BIN/$b" >&2; exit 1; }
+  done
+  stop
+  mkdir -p "$dir/etcd"
+  certs
+  kubeconfig
+  local pki="$dir/pki"
+  start etcd "$etcd" --data-dir "$dir/etcd" --name e2e \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$((etcd_port + 1))" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$((etcd_port + 1))" \
+    --initial-cluster "e2e=http://127.0.0.1:$((etcd_port + 1))"
+  start_apiserver
   start kube-controller-manager "$K8S_BIN/kube-controller-manager" \
     --kubeconfig "$dir/admin.kubeconfig" \
     --authentication-kubeconfig "$dir/admin.kubeconfig" --authorization-kubeconfig "$dir/admin.kubeconfig" \
@@ -143,7 +164,8 @@ up() {
 
 case "${1:-up}" in
   up) up ;;
+  outage) outage "${2:-}" ;;
   down) stop ;;
   wipe) stop; rm -rf "$dir" ;;
-  *) echo "usage: $0 up|down|wipe" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|wipe|outage SECONDS" >&2; exit 2 ;;
 esac

@@ -100,7 +100,8 @@ impl Fault {
 /// A call about to take effect, as an observer sees it (invariant checks in tests).
 #[derive(Debug)]
 pub enum ObservedCall<'a> {
-    /// A launch into a pool that already holds `live_in_pool` non-terminated instances.
+    /// A launch into a pool that already holds `live_in_pool` non-terminated instances
+    /// (shutting-down ones included).
     Launch {
         request: &'a LaunchRequest,
         live_in_pool: usize,
@@ -609,7 +610,11 @@ impl CloudProvider for FakeCloud {
             let live_in_pool = state
                 .instances
                 .values()
-                .filter(|i| i.instance.state.is_live() && i.instance.tags.get(tags::POOL) == pool)
+                .filter(|i| {
+                    // I1 counts an instance until it is terminated, shutting-down included.
+                    i.instance.state != InstanceState::Terminated
+                        && i.instance.tags.get(tags::POOL) == pool
+                })
                 .count();
             self.observe(ObservedCall::Launch {
                 request,

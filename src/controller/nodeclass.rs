@@ -44,6 +44,7 @@ pub async fn controller(
         Some(((), n))
     });
     Controller::new(api, watch)
+        .trigger_backoff(super::reflect::WatchBackoff::default())
         .reconcile_all_on(trigger)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, data)

@@ -59,9 +59,11 @@ pub fn controller(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> PoolController {
     let api: Api<NodePool> = Api::all(ctx.client.clone());
-    let controller = Controller::new(api, ctx.config.scoped_watch()).with_config(
-        kube::runtime::controller::Config::default().debounce(Duration::from_millis(100)),
-    );
+    let controller = Controller::new(api, ctx.config.scoped_watch())
+        .with_config(
+            kube::runtime::controller::Config::default().debounce(Duration::from_millis(100)),
+        )
+        .trigger_backoff(super::reflect::WatchBackoff::default());
     // Any change of a node, pod, DaemonSet or class may change what a pool needs.
     let trigger = futures::stream::unfold(notify, |n| async move {
         n.notified().await;

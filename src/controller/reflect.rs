@@ -38,6 +38,37 @@ const FIRST_RETRY: Duration = Duration::from_millis(250);
 /// the API server answers again.
 const MAX_RETRY: Duration = Duration::from_secs(5);
 
+/// Retry pacing after a watch error: [`FIRST_RETRY`] doubling to [`MAX_RETRY`], reset by
+/// the first success. Also the pacing of the controllers' own trigger watches: kube pauses a
+/// controller's *whole* trigger stream (bulk reconciles included) for each backoff step, and
+/// its default of up to 30 s delayed every pool's first action after an outage.
+#[derive(Debug, Clone)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self { next: FIRST_RETRY }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let now = self.next;
+        self.next = (self.next * 2).min(MAX_RETRY);
+        Some(now)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = FIRST_RETRY;
+    }
+}
+
 /// Whether one cache reflects the API server.
 #[derive(Debug)]
 pub struct CacheHealth {
@@ -150,7 +181,7 @@ where
     let api = Api::<S>::all(client.clone());
     let task_health = health.clone();
     let task = async move {
-        let mut retry = FIRST_RETRY;
+        let mut retry = WatchBackoff::default();
         loop {
             // A new watcher starts with a complete list: the only way back to "current".
             let mut events = std::pin::pin!(watcher::watcher(api.clone(), watch.clone()));
@@ -174,14 +205,13 @@ where
                     Event::Init | Event::InitApply(_) => continue,
                     Event::InitDone => {
                         task_health.caught_up();
-                        retry = FIRST_RETRY;
+                        kube::runtime::utils::Backoff::reset(&mut retry);
                     }
                     Event::Apply(_) | Event::Delete(_) => {}
                 }
                 notify.iter().for_each(|n| n.notify_one());
             }
-            tokio::time::sleep(retry).await;
-            retry = (retry * 2).min(MAX_RETRY);
+            tokio::time::sleep(retry.next().unwrap_or(MAX_RETRY)).await;
         }
     };
     (reader, health, Box::pin(task))
@@ -190,6 +220,16 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watch_backoff_doubles_to_its_cap_and_resets() {
+        use kube::runtime::utils::Backoff;
+        let mut b = WatchBackoff::default();
+        let steps: Vec<u64> = b.by_ref().take(7).map(|d| d.as_millis() as u64).collect();
+        assert_eq!(steps, vec![250, 500, 1000, 2000, 4000, 5000, 5000]);
+        b.reset();
+        assert_eq!(b.next(), Some(FIRST_RETRY));
+    }
 
     #[test]
     fn freshness_is_current_only_when_every_cache_is() {

@@ -45,6 +45,11 @@ pub const E2E_KUBECONFIG: &str = "STRATOS_E2E_KUBECONFIG";
 /// cluster never touch each other's objects.
 pub const TEST_LABEL: &str = "e2e.stratos.sh/test";
 
+/// Environment variable naming a command that takes a real cluster's API server down for
+/// the number of seconds given as its last argument and returns once it serves again, e.g.
+/// `testkit/real-cluster.sh outage` (see `testkit/README.md`).
+pub const E2E_OUTAGE_CMD: &str = "STRATOS_E2E_OUTAGE_CMD";
+
 /// Whether the tests run against a real cluster (`STRATOS_E2E_KUBECONFIG` is set).
 pub fn real_cluster() -> bool {
     std::env::var_os(E2E_KUBECONFIG).is_some()
@@ -176,6 +181,48 @@ impl TestCluster {
             _scheduler: scheduler,
             _controllers: controllers,
             kubelet: Some(kubelet),
+        }
+    }
+
+    /// Whether [`TestCluster::api_outage`] can take this cluster's API server down: always
+    /// for the embedded one; for a real one when [`E2E_OUTAGE_CMD`] is set.
+    pub fn can_take_api_down(&self) -> bool {
+        self.server.is_some() || std::env::var_os(E2E_OUTAGE_CMD).is_some()
+    }
+
+    /// Takes the API server down for `duration`, as a kube-apiserver restart does, and
+    /// returns the instant it answers again.
+    pub async fn api_outage(&self, duration: Duration) -> std::time::Instant {
+        if let Some(server) = &self.server {
+            server.set_down(true);
+            tokio::time::sleep(duration).await;
+            server.set_down(false);
+        } else {
+            let cmd = std::env::var(E2E_OUTAGE_CMD)
+                .unwrap_or_else(|_| panic!("{E2E_OUTAGE_CMD} is not set"));
+            let secs = duration.as_secs().to_string();
+            let line = format!("{cmd} {secs}");
+            let status = tokio::task::spawn_blocking(move || {
+                std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(line)
+                    .status()
+            })
+            .await
+            .expect("outage command task")
+            .expect("run the outage command");
+            assert!(status.success(), "{cmd} {secs}: {status}");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.client.apiserver_version().await.is_ok() {
+                return std::time::Instant::now();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the API server did not come back"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -297,12 +297,15 @@ impl KubeletSim {
             let mut s = std::pin::pin!(pod_stream);
             while s.next().await.is_some() {}
         });
+        // A real kubelet reads and writes its own Node directly, so its view of it is never
+        // behind after an API outage; a watch that retries within seconds stands in for that.
+        // (Its pod source is a watch with client-go's backoff, as above.)
         let (nodes, node_writer) = reflector::store::<Node>();
         let node_stream = reflector(
             node_writer,
             watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
         )
-        .default_backoff()
+        .backoff(stratos::controller::reflect::WatchBackoff::default())
         .touched_objects();
         let node_task = tokio::spawn(async move {
             let mut s = std::pin::pin!(node_stream);

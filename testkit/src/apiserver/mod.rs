@@ -74,6 +74,54 @@ struct Shared {
     changes: broadcast::Sender<Arc<Change>>,
     close_watches: tokio::sync::watch::Sender<u64>,
     options: ApiServerOptions,
+    /// The server is "down": connections are dropped without an answer.
+    down: std::sync::atomic::AtomicBool,
+    faults: Mutex<Vec<Fault>>,
+}
+
+/// An injected answer: requests with this verb on this resource get `code` instead of
+/// being served, `count` times (`None`: until [`ApiServer::clear_faults`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    /// Kubernetes verb: get, list, watch, create, update, patch, delete, deletecollection.
+    pub verb: String,
+    /// Plural, with a subresource after a slash as RBAC spells it: `nodes`, `pods/eviction`.
+    pub resource: String,
+    pub code: u16,
+    pub count: Option<usize>,
+}
+
+impl Fault {
+    fn error(&self, route: &Route) -> ApiError {
+        let name = route.name.clone().unwrap_or_default();
+        let plural = &route.def.plural;
+        match self.code {
+            409 => ApiError::conflict(&route.def, &name),
+            403 => ApiError::new(
+                403,
+                "Forbidden",
+                format!(
+                    "{plural} \"{name}\" is forbidden: User \"stratos\" cannot {} resource \"{}\" in API group \"{}\"",
+                    self.verb, self.resource, route.def.group
+                ),
+            ),
+            429 => ApiError::new(
+                429,
+                "TooManyRequests",
+                "the server has received too many requests and has asked us to try again later",
+            ),
+            503 => ApiError::new(
+                503,
+                "ServiceUnavailable",
+                "the server is currently unable to handle the request",
+            ),
+            code => ApiError::new(
+                code,
+                "InternalError",
+                "an error on the server has prevented the request from succeeding",
+            ),
+        }
+    }
 }
 
 pub struct ApiServer {
@@ -106,6 +154,8 @@ impl ApiServer {
             changes,
             close_watches,
             options,
+            down: Default::default(),
+            faults: Mutex::new(Vec::new()),
         });
         for ns in ["default", "kube-system", "kube-node-lease"] {
             let def = shared.def("", "namespaces").expect("namespaces");
@@ -131,6 +181,11 @@ impl ApiServer {
                 let Ok((stream, _)) = listener.accept().await else {
                     break;
                 };
+                if served.is_down() {
+                    // Like a restarting server: the connection goes without an answer.
+                    drop(stream);
+                    continue;
+                }
                 let shared = served.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
@@ -145,6 +200,10 @@ impl ApiServer {
                             .unwrap_or_default()
                             .to_owned();
                         async move {
+                            if shared.is_down() {
+                                // Ends the connection without a response.
+                                return Err(std::io::Error::other("API server down"));
+                            }
                             let response = handle(shared.clone(), req).await;
                             let code = response.status().as_u16();
                             shared.audit.lock().unwrap().push(AuditEntry {
@@ -154,7 +213,7 @@ impl ApiServer {
                                 code,
                                 user_agent,
                             });
-                            Ok::<_, Infallible>(response)
+                            Ok::<_, std::io::Error>(response)
                         }
                     });
                     let _ = http1::Builder::new()
@@ -229,6 +288,42 @@ impl ApiServer {
         self.shared.close_watches.send_modify(|v| *v += 1);
     }
 
+    /// Takes the server down (`true`) or brings it back: while down, every open watch ends
+    /// and every connection is dropped without an answer, as during a kube-apiserver
+    /// restart. The objects are kept, as etcd keeps them.
+    pub fn set_down(&self, down: bool) {
+        self.shared
+            .down
+            .store(down, std::sync::atomic::Ordering::SeqCst);
+        if down {
+            self.close_all_watches();
+        }
+    }
+
+    /// The next `count` `verb` requests on `resource` (e.g. `patch`, `nodes`) answer `code`.
+    pub fn fail_next(&self, verb: &str, resource: &str, code: u16, count: usize) {
+        self.inject(verb, resource, code, Some(count));
+    }
+
+    /// Every `verb` request on `resource` answers 403 Forbidden until
+    /// [`ApiServer::clear_faults`], as when RBAC lacks the permission.
+    pub fn deny(&self, verb: &str, resource: &str) {
+        self.inject(verb, resource, 403, None);
+    }
+
+    fn inject(&self, verb: &str, resource: &str, code: u16, count: Option<usize>) {
+        self.shared.faults.lock().unwrap().push(Fault {
+            verb: verb.into(),
+            resource: resource.into(),
+            code,
+            count,
+        });
+    }
+
+    pub fn clear_faults(&self) {
+        self.shared.faults.lock().unwrap().clear();
+    }
+
     /// Drops all watch history: watches from any earlier version now get 410 Gone.
     pub fn compact(&self) {
         self.shared.store.lock().unwrap().compact();
@@ -277,6 +372,30 @@ pub fn repo_crds() -> Vec<CustomResourceDefinition> {
 }
 
 impl Shared {
+    fn is_down(&self) -> bool {
+        self.down.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The injected fault this request meets, if any (consuming one of its count).
+    fn fault(&self, verb: &str, route: &Route) -> Option<ApiError> {
+        let resource = match &route.subresource {
+            Some(sub) => format!("{}/{sub}", route.def.plural),
+            None => route.def.plural.clone(),
+        };
+        let mut faults = self.faults.lock().unwrap();
+        let i = faults
+            .iter()
+            .position(|f| f.verb == verb && f.resource == resource)?;
+        let error = faults[i].error(route);
+        if let Some(n) = faults[i].count.as_mut() {
+            *n -= 1;
+            if *n == 0 {
+                faults.remove(i);
+            }
+        }
+        Some(error)
+    }
+
     fn def(&self, group: &str, plural: &str) -> Option<Arc<ResourceDef>> {
         self.defs
             .iter()
@@ -424,6 +543,21 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         .unwrap_or("")
         .to_owned();
     let method = req.method().clone();
+    let watch = query_param(&query, "watch").is_some_and(|w| w == "true" || w == "1");
+    let verb = match (&method, route.name.is_some()) {
+        (&Method::GET, false) if watch => "watch",
+        (&Method::GET, false) => "list",
+        (&Method::GET, true) => "get",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, true) => "delete",
+        (&Method::DELETE, false) => "deletecollection",
+        _ => "",
+    };
+    if let Some(e) = shared.fault(verb, &route) {
+        return error_response(&e);
+    }
     let body = req
         .into_body()
         .collect()
@@ -432,7 +566,6 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         .unwrap_or_default();
     let result = match (method, route.name.is_some(), route.subresource.as_deref()) {
         (Method::GET, false, None) => {
-            let watch = query_param(&query, "watch").is_some_and(|w| w == "true" || w == "1");
             if watch {
                 return watch_response(shared, route, &query, wants_metadata(&accept));
             }
