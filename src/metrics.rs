@@ -75,6 +75,16 @@ impl CloudApiMetrics {
     }
 }
 
+/// Every `reason` of `stratos_blocked_actions_total`: actions the cluster or the cloud
+/// refused, which a user must act on (SPEC §8.2).
+pub const BLOCKED_REASONS: [&str; 5] = [
+    "EvictionForbidden",
+    "EvictionBlockedByPDB",
+    "EvictionRejected",
+    "DrainTimeout",
+    "TerminateFailed",
+];
+
 /// Every `result` of `stratos_warmup_results_total`.
 pub const WARMUP_RESULTS: [&str; 4] = [
     "completed",
@@ -91,6 +101,7 @@ pub struct PoolMetrics {
     start_to_ready: HistogramVec,
     drain_duration: HistogramVec,
     drain_failures: IntCounterVec,
+    blocked_actions: IntCounterVec,
     scale_up_nodes: IntCounterVec,
     scale_ups: IntCounterVec,
     scale_downs: IntCounterVec,
@@ -165,6 +176,13 @@ impl PoolMetrics {
             ),
             &["pool", "reason"],
         )?;
+        let blocked_actions = IntCounterVec::new(
+            Opts::new(
+                "stratos_blocked_actions_total",
+                "Actions refused by the cluster or the cloud (evictions forbidden or blocked by a PodDisruptionBudget, drains timed out, terminations failed), by reason; each refused attempt counts.",
+            ),
+            &["pool", "reason"],
+        )?;
         let scale_up_nodes = IntCounterVec::new(
             Opts::new(
                 "stratos_scale_up_nodes_total",
@@ -197,6 +215,7 @@ impl PoolMetrics {
         registry.register(Box::new(scale_ups.clone()))?;
         registry.register(Box::new(scale_downs.clone()))?;
         registry.register(Box::new(drain_failures.clone()))?;
+        registry.register(Box::new(blocked_actions.clone()))?;
         registry.register(Box::new(scale_up_nodes.clone()))?;
         for c in [&nodes, &pool_size, &min_standby] {
             registry.register(Box::new(c.clone()))?;
@@ -211,6 +230,7 @@ impl PoolMetrics {
             start_to_ready,
             drain_duration,
             drain_failures,
+            blocked_actions,
             scale_up_nodes,
             scale_ups,
             scale_downs,
@@ -241,6 +261,9 @@ impl PoolMetrics {
         }
         self.scale_downs.with_label_values(&[pool]);
         self.drain_failures.with_label_values(&[pool, "timeout"]);
+        for reason in BLOCKED_REASONS {
+            self.blocked_actions.with_label_values(&[pool, reason]);
+        }
         // Also after a restart, before any warmup ends: alerts on results see a series.
         for result in WARMUP_RESULTS {
             self.warmup_results.with_label_values(&[pool, result]);
@@ -304,6 +327,13 @@ impl PoolMetrics {
             .observe(took.as_secs_f64());
     }
 
+    /// An action of `pool` was refused for `reason` (one of [`BLOCKED_REASONS`]).
+    pub fn blocked(&self, pool: &str, reason: &str) {
+        self.blocked_actions
+            .with_label_values(&[pool, reason])
+            .inc();
+    }
+
     pub fn drain_failed(&self, pool: &str, reason: &str) {
         self.drain_failures.with_label_values(&[pool, reason]).inc();
     }
@@ -341,6 +371,9 @@ impl PoolMetrics {
         }
         let _ = self.scale_downs.remove_label_values(&[pool]);
         let _ = self.drain_failures.remove_label_values(&[pool, "timeout"]);
+        for reason in BLOCKED_REASONS {
+            let _ = self.blocked_actions.remove_label_values(&[pool, reason]);
+        }
         for s in states {
             let _ = self.nodes.remove_label_values(&[pool, s]);
         }
@@ -366,8 +399,15 @@ mod tests {
             m.node_ready_after_start(pool, Duration::from_secs(14));
             m.drained(pool, Duration::from_secs(30));
             m.drain_failed(pool, "timeout");
+            m.blocked(pool, "EvictionBlockedByPDB");
         }
         let before = m.render();
+        assert!(before.contains(
+            "stratos_blocked_actions_total{pool=\"kept\",reason=\"EvictionForbidden\"} 0"
+        ));
+        assert!(before.contains(
+            "stratos_blocked_actions_total{pool=\"kept\",reason=\"EvictionBlockedByPDB\"} 1"
+        ));
         assert!(before.contains("stratos_scale_ups_total{pool=\"gone\",source=\"standby\"} 1"));
         assert!(
             before.contains("stratos_warmup_results_total{pool=\"kept\",result=\"timeout\"} 0"),

@@ -123,6 +123,18 @@ async fn an_outage_mid_warmup_terminates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_at_standby_terminates_nothing_and_a_raised_min_standby_launches_once() {
+    outage_at_standby(outage_length()).await;
+}
+
+/// The brief outage: the pool acts within 5 s of the API's return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brief_outage_at_standby_is_followed_by_action_within_seconds() {
+    outage_at_standby(Duration::from_secs(10)).await;
+}
+
+/// At standby, the API goes down for `length`; right after it returns minStandby goes from
+/// 2 to 3: exactly one launch (within 5 s), no termination, standby within 20 s.
+async fn outage_at_standby(length: Duration) {
     let _turn = OUTAGES.lock().await;
     let cluster = TestCluster::start(options()).await;
     if skip_without_outage_command(&cluster) {
@@ -133,7 +145,7 @@ async fn an_outage_at_standby_terminates_nothing_and_a_raised_min_standby_launch
     cluster.apply_yaml(&pool_yaml()).await;
     cluster.wait_standby("workers", 2, 2).await;
     let launched = cluster.launched();
-    let back = cluster.api_outage(outage_length()).await;
+    let back = cluster.api_outage(length).await;
     // Right after the API returns, as the operator did.
     let pools: Api<NodePool> = Api::all(cluster.client.clone());
     pools
@@ -144,11 +156,17 @@ async fn an_outage_at_standby_terminates_nothing_and_a_raised_min_standby_launch
         )
         .await
         .expect("raise minStandby");
+    let launch_after = cluster
+        .wait_for("the launch", Duration::from_secs(20), || async {
+            (cluster.launched() > launched).then(|| back.elapsed())
+        })
+        .await;
     cluster.wait_standby("workers", 3, 3).await;
     let took = back.elapsed();
     println!(
-        "outage of {}s at standby, minStandby 2 → 3 on return: standby 3/3 {:.1}s after the API returned; launches +{}, terminations {}",
-        outage_length().as_secs(),
+        "outage of {}s at standby, minStandby 2 → 3 on return: launch {:.1}s and standby 3/3 {:.1}s after the API returned; launches +{}, terminations {}",
+        length.as_secs(),
+        launch_after.as_secs_f64(),
         took.as_secs_f64(),
         cluster.launched() - launched,
         cluster.cloud.call_count(Operation::TerminateInstances)
@@ -163,6 +181,10 @@ async fn an_outage_at_standby_terminates_nothing_and_a_raised_min_standby_launch
         cluster.cloud.call_count(Operation::TerminateInstances),
         0,
         "no instance terminated"
+    );
+    assert!(
+        launch_after < Duration::from_secs(5),
+        "acted within 5 s of the API's return"
     );
     assert!(took < Duration::from_secs(20), "standby within 20 s");
     cluster.invariants.assert_held().await;

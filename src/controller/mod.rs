@@ -9,6 +9,7 @@ pub mod nodeclass;
 pub mod nodepool;
 pub mod podcache;
 pub mod reflect;
+pub mod retry;
 pub mod scaleup;
 mod trim;
 
@@ -121,7 +122,7 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<PoolMetrics>,
     /// Consecutive failures per object, for backoff in `error_policy`.
-    failures: Mutex<HashMap<String, u32>>,
+    failures: retry::Failures,
     /// What the last scale-up decision wants of each pool (SPEC §6): the pools' reconciles
     /// launch and hand over accordingly.
     pub demand: Mutex<HashMap<String, PoolDemand>>,
@@ -129,7 +130,14 @@ pub struct Context {
     pub pods_changed: Arc<Notify>,
     /// Wakes the pool reconciles.
     pub pools_changed: Arc<Notify>,
+    /// When each Warning (object, reason, note) was last published.
+    warnings: Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// A Warning identical to one published this recently is not published again: a retry
+/// loop every few seconds would otherwise write an event (or a series update) per round.
+/// kube's recorder folds repeats into a series; this bounds the writes as well.
+const WARNING_REPEAT: Duration = Duration::from_secs(600);
 
 /// One pool's share of the scale-up decision.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -143,12 +151,10 @@ pub struct PoolDemand {
 }
 
 impl Context {
-    /// Backoff for an object that failed again: 1s, 2s, 4s, … up to 2 minutes.
-    pub fn backoff(&self, key: &str) -> Duration {
-        let mut f = self.failures.lock().expect("failures lock");
-        let n = f.entry(key.to_owned()).or_insert(0);
-        *n = (*n + 1).min(8);
-        Duration::from_secs(1u64 << (*n - 1)).min(Duration::from_secs(120))
+    /// How long an object that failed with `error` waits before its next reconcile (see
+    /// [`retry`]: conflicts and blocked actions are not counted as failures).
+    pub fn retry_delay(&self, key: &str, error: &Error) -> Duration {
+        self.failures.failed(key, retry::classify(error))
     }
 
     /// The pool's share of the last scale-up decision.
@@ -169,17 +175,50 @@ impl Context {
     }
 
     pub fn reset_backoff(&self, key: &str) {
-        self.failures.lock().expect("failures lock").remove(key);
+        self.failures.succeeded(key);
     }
 
+    /// A Warning event on `obj`, with `log` run only when the event is actually published:
+    /// one log line per cause, not one per retry.
+    pub async fn publish_once<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        reason: &str,
+        note: &str,
+        log: impl FnOnce(),
+    ) {
+        if self.publish(obj, true, reason, note.to_owned()).await {
+            log();
+        }
+    }
+
+    /// Publishes an event; returns whether it was published (an identical recent Warning is
+    /// not).
     pub async fn publish<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
         warning: bool,
         reason: &str,
         note: String,
-    ) {
+    ) -> bool {
         use kube::runtime::events::{Event, EventType};
+        let note: String = note.chars().take(1000).collect();
+        if warning {
+            let reference = obj.object_ref(&());
+            let key = format!(
+                "{}/{}/{}|{reason}|{note}",
+                reference.kind.as_deref().unwrap_or_default(),
+                reference.namespace.as_deref().unwrap_or_default(),
+                reference.name.as_deref().unwrap_or_default()
+            );
+            let now = std::time::Instant::now();
+            let mut seen = self.warnings.lock().expect("warnings lock");
+            seen.retain(|_, at| now.duration_since(*at) < WARNING_REPEAT);
+            if seen.contains_key(&key) {
+                return false;
+            }
+            seen.insert(key, now);
+        }
         let event = Event {
             type_: if warning {
                 EventType::Warning
@@ -187,13 +226,14 @@ impl Context {
                 EventType::Normal
             },
             reason: reason.into(),
-            note: Some(note.chars().take(1000).collect()),
+            note: Some(note),
             action: reason.into(),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
             tracing::debug!(error = %e, reason, "could not publish an event");
         }
+        true
     }
 }
 
@@ -209,6 +249,14 @@ pub enum Error {
     /// Not a failure: deletion waits for instances to go or pods to be evicted.
     #[error("waiting: {0}")]
     Waiting(String),
+    /// An action the cluster refuses for now (an eviction forbidden or blocked by a
+    /// disruption budget): not a failure of the pool, but something a user must see.
+    #[error("{reason}: {message}")]
+    Blocked {
+        /// The event and condition reason, e.g. `EvictionBlockedByPDB`.
+        reason: &'static str,
+        message: String,
+    },
 }
 
 impl Error {
@@ -218,6 +266,7 @@ impl Error {
             Self::Cloud(e) => e.label(),
             Self::Finalizer(_) => "finalizer",
             Self::Waiting(_) => "waiting",
+            Self::Blocked { .. } => "blocked",
         }
     }
 }
@@ -347,7 +396,8 @@ pub async fn run(
             freshness,
         },
         metrics,
-        failures: Mutex::new(HashMap::new()),
+        failures: retry::Failures::default(),
+        warnings: Mutex::new(HashMap::new()),
         demand: Mutex::new(HashMap::new()),
         pods_changed,
         pools_changed: notify.clone(),

@@ -73,9 +73,11 @@ fn error_policy(class: Arc<AWSNodeClass>, error: &Error, data: Arc<Data>) -> Req
         return Requeue::requeue(Duration::from_secs(5));
     }
     let ctx = &data.0;
-    ctx.metrics.reconcile_error("awsnodeclass", error.label());
-    let delay = ctx.backoff(&format!("awsnodeclass/{}", class.name_any()));
-    tracing::warn!(class = %class.name_any(), error = %error, retry_in_s = delay.as_secs(), "reconcile failed");
+    let delay = ctx.retry_delay(&format!("awsnodeclass/{}", class.name_any()), error);
+    if super::retry::classify(error) != super::retry::ErrorClass::Conflict {
+        ctx.metrics.reconcile_error("awsnodeclass", error.label());
+        tracing::warn!(class = %class.name_any(), error = %error, retry_in_ms = delay.as_millis() as u64, "reconcile failed");
+    }
     Requeue::requeue(delay)
 }
 

@@ -79,13 +79,22 @@ pub fn controller(
 }
 
 fn error_policy(pool: Arc<NodePool>, error: &Error, ctx: Arc<Context>) -> Requeue {
-    if let Error::Waiting(why) = error {
-        tracing::debug!(pool = %pool.name_any(), why, "deletion in progress");
-        return Requeue::requeue(Duration::from_secs(2));
+    use super::retry::{ErrorClass, classify};
+    let name = pool.name_any();
+    let delay = ctx.retry_delay(&format!("nodepool/{name}"), error);
+    match classify(error) {
+        // Expected while it lasts; made visible by the reconcile itself (events, conditions).
+        ErrorClass::Blocked => {
+            tracing::debug!(pool = %name, why = %error, "waiting");
+        }
+        ErrorClass::Conflict => {
+            tracing::debug!(pool = %name, error = %error, "conflict; retrying from a fresh read");
+        }
+        class => {
+            ctx.metrics.reconcile_error("nodepool", error.label());
+            tracing::warn!(pool = %name, error = %error, ?class, retry_in_ms = delay.as_millis() as u64, "reconcile failed");
+        }
     }
-    ctx.metrics.reconcile_error("nodepool", error.label());
-    let delay = ctx.backoff(&format!("nodepool/{}", pool.name_any()));
-    tracing::warn!(pool = %pool.name_any(), error = %error, retry_in_s = delay.as_secs(), "reconcile failed");
     Requeue::requeue(delay)
 }
 
@@ -104,6 +113,11 @@ async fn reconcile(pool: Arc<NodePool>, ctx: Arc<Context>) -> Result<Requeue, Er
             kube::runtime::finalizer::Error::ApplyFailed(e)
             | kube::runtime::finalizer::Error::CleanupFailed(e),
         ) => Err(e),
+        // Adding or removing the finalizer is an API write like any other (409, 5xx, …).
+        Err(
+            kube::runtime::finalizer::Error::AddFinalizer(e)
+            | kube::runtime::finalizer::Error::RemoveFinalizer(e),
+        ) => Err(Error::Kube(e)),
         Err(e) => Err(Error::Finalizer(e.to_string())),
     }
 }
@@ -361,6 +375,21 @@ async fn reconcile_pool(pool: &NodePool, ctx: &Context, deleting: bool) -> Resul
             .iter()
             .filter(|m| m.phase() != Phase::Gone)
             .count();
+        // What blocks the deletion shows in the status (and clears once it proceeds).
+        let was_degraded = pool.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Degraded" && c.status == "True")
+        });
+        if live > 0 && (!errors.is_empty() || was_degraded) {
+            let class_found = gathered.class.is_some();
+            if let Err(e) = write_status(pool, ctx, &plan, class_found, &errors).await {
+                tracing::debug!(pool = %name, error = %e, "could not write the deleting pool's status");
+            }
+        }
+        if let Some(e) = errors.into_iter().next() {
+            return Err(e);
+        }
         if live > 0 {
             return Err(Error::Waiting(format!(
                 "{live} instance(s) of pool {name} still to terminate"
@@ -433,6 +462,42 @@ async fn registered_node(ctx: &Context, instance: &Instance) -> Result<Option<St
     }
 }
 
+/// Makes a drain that the cluster refuses visible (SPEC §8.2): a counter per refused
+/// eviction, and — at most once per cause (see `Context::publish`) — a warn log and a Warning
+/// event on the pool and the node naming the pod, the node and what refuses (RBAC, the
+/// PodDisruptionBudget by name, a webhook). The returned error puts the same words in the
+/// pool's `Degraded` condition until the drain proceeds.
+async fn report_blocked_drain(
+    pool: &NodePool,
+    ctx: &Context,
+    node_obj: Option<&Arc<Node>>,
+    node: &str,
+    progress: &drain::Progress,
+) -> Error {
+    let name = pool.name_any();
+    for b in &progress.blocked {
+        ctx.metrics.blocked(&name, b.refusal.reason());
+    }
+    let first = &progress.blocked[0];
+    let reason = first.refusal.reason();
+    let mut message = first.refusal.describe(&first.pod, node);
+    let more = progress.blocked.len() - 1;
+    if more > 0 {
+        message.push_str(&format!(" (and {more} more pod(s) on the node)"));
+    }
+    if pool.metadata.deletion_timestamp.is_some() {
+        message.push_str("; the pool's deletion waits for it");
+    }
+    ctx.publish_once(pool, reason, &message, || {
+        tracing::warn!(pool = %name, node, reason, "{message}");
+    })
+    .await;
+    if let Some(n) = node_obj {
+        ctx.publish(&**n, true, reason, message.clone()).await;
+    }
+    Error::Blocked { reason, message }
+}
+
 /// One line per action, for logs.
 fn describe_action(a: &Action) -> String {
     match a {
@@ -458,19 +523,42 @@ fn desired_labels(pool: &NodePool, state: NodeState) -> BTreeMap<String, String>
     converge::desired_labels(&template, state)
 }
 
+/// How many times a node patch is tried when others keep changing the node (409 Conflict).
+const CONFLICT_ATTEMPTS: usize = 3;
+
 /// Patches a node with optimistic concurrency, so taints that others change concurrently are
-/// never overwritten from a stale copy.
-async fn patch_node(ctx: &Context, node: &Node, patch: serde_json::Value) -> Result<(), Error> {
-    let mut patch = patch;
-    patch["metadata"]["resourceVersion"] = json!(node.resource_version());
+/// never overwritten from a stale copy. `build` makes the patch from a copy of the node
+/// (`None`: nothing left to change). On a conflict the node is read again and the patch
+/// rebuilt from the fresh copy, at once: a conflict is someone else's concurrent write (the
+/// kubelet's status, the node lifecycle controller's taints, a re-listing cache after an API
+/// restart), not a failure worth a backoff.
+pub(crate) async fn patch_node(
+    ctx: &Context,
+    node: &Node,
+    build: impl Fn(&Node) -> Option<serde_json::Value>,
+) -> Result<(), Error> {
     let api: Api<Node> = Api::all(ctx.client.clone());
-    api.patch(
-        &node.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
-    Ok(())
+    let name = node.name_any();
+    let mut fresh: Option<Node> = None;
+    for attempt in 1..=CONFLICT_ATTEMPTS {
+        let current = fresh.as_ref().unwrap_or(node);
+        let Some(mut patch) = build(current) else {
+            return Ok(());
+        };
+        patch["metadata"]["resourceVersion"] = json!(current.resource_version());
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 && attempt < CONFLICT_ATTEMPTS => {
+                tracing::debug!(node = %name, attempt, "node changed meanwhile; patching the fresh copy");
+                fresh = Some(api.get(&name).await?);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    unreachable!("the last attempt returns")
 }
 
 fn node_taints(node: &Node) -> Vec<Taint> {
@@ -554,7 +642,18 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
             .await;
         for (id, node, reason) in &terminations {
             if let Some((_, e)) = outcome.failed.iter().find(|(f, _)| f == *id) {
-                tracing::warn!(pool = %name, instance = %id, error = %e, "terminate failed");
+                ctx.metrics.blocked(&name, "TerminateFailed");
+                let message = format!(
+                    "could not terminate instance {id} ({}): {e}; retrying",
+                    reason.as_str()
+                );
+                ctx.publish_once(
+                    pool,
+                    "TerminateFailed",
+                    &message,
+                    || tracing::warn!(pool = %name, instance = %id, error = %e, "terminate failed"),
+                )
+                .await;
                 errors.push(Error::Cloud(e.clone()));
                 continue;
             }
@@ -611,13 +710,15 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
         }
         let Some(m) = member(instance) else { continue };
         if let Some(node) = g.nodes.get(instance) {
-            let patch = json!({
-                "metadata": {
-                    "labels": desired_labels(pool, NodeState::Standby),
-                    "annotations": {EMPTY_SINCE: null, DRAINING_SINCE: null},
-                },
-                "spec": {"unschedulable": true, "taints": standby_taints(pool, node)},
-            });
+            let patch = |n: &Node| {
+                Some(json!({
+                    "metadata": {
+                        "labels": desired_labels(pool, NodeState::Standby),
+                        "annotations": {EMPTY_SINCE: null, DRAINING_SINCE: null},
+                    },
+                    "spec": {"unschedulable": true, "taints": standby_taints(pool, n)},
+                }))
+            };
             if let Err(e) = patch_node(ctx, node, patch).await {
                 errors.push(e);
                 continue;
@@ -777,35 +878,45 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
             }
             Action::Drain { node, instance } => {
                 if let Some(n) = g.nodes.get(instance) {
-                    let since = n
-                        .annotations()
-                        .get(DRAINING_SINCE)
-                        .cloned()
-                        .unwrap_or_else(|| jiff::Timestamp::now().to_string());
-                    let patch = json!({
-                        "metadata": {"labels": {STATE_LABEL: NodeState::Draining.as_str()}, "annotations": {DRAINING_SINCE: since}},
-                        "spec": {"unschedulable": true},
-                    });
+                    let patch = |n: &Node| {
+                        let since = n
+                            .annotations()
+                            .get(DRAINING_SINCE)
+                            .cloned()
+                            .unwrap_or_else(|| jiff::Timestamp::now().to_string());
+                        Some(json!({
+                            "metadata": {"labels": {STATE_LABEL: NodeState::Draining.as_str()}, "annotations": {DRAINING_SINCE: since}},
+                            "spec": {"unschedulable": true},
+                        }))
+                    };
                     if let Err(e) = patch_node(ctx, n, patch).await {
                         errors.push(e);
                         continue;
                     }
                 }
                 match drain::evict_workload(ctx, node).await {
-                    Ok(0) => {}
-                    Ok(left) => {
-                        tracing::info!(pool = %name, node = %node, left, "draining before the pool's deletion")
+                    Ok(progress) if progress.blocked.is_empty() => {
+                        if progress.remaining > 0 {
+                            tracing::info!(pool = %name, node = %node, left = progress.remaining, "draining: waiting for evicted pods to go");
+                        }
+                    }
+                    Ok(progress) => {
+                        errors.push(
+                            report_blocked_drain(pool, ctx, g.nodes.get(instance), node, &progress)
+                                .await,
+                        );
                     }
                     Err(e) => errors.push(e),
                 }
             }
             Action::Handoff { instance, node } => {
                 if let Some(n) = g.nodes.get(instance) {
-                    let taints = taints_out_of_standby(n);
-                    let patch = json!({
-                        "metadata": {"labels": desired_labels(pool, NodeState::Running)},
-                        "spec": {"unschedulable": null, "taints": taints},
-                    });
+                    let patch = |n: &Node| {
+                        Some(json!({
+                            "metadata": {"labels": desired_labels(pool, NodeState::Running)},
+                            "spec": {"unschedulable": null, "taints": taints_out_of_standby(n)},
+                        }))
+                    };
                     match patch_node(ctx, n, patch).await {
                         Ok(()) => {
                             let tag = BTreeMap::from([(
@@ -829,11 +940,9 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
                 let value = matches!(action, Action::MarkEmpty { .. })
                     .then(|| jiff::Timestamp::now().to_string());
                 if let Some(n) = g.nodes.get(instance)
-                    && let Err(e) = patch_node(
-                        ctx,
-                        n,
-                        json!({"metadata": {"annotations": {EMPTY_SINCE: value}}}),
-                    )
+                    && let Err(e) = patch_node(ctx, n, |_| {
+                        Some(json!({"metadata": {"annotations": {EMPTY_SINCE: value}}}))
+                    })
                     .await
                 {
                     errors.push(e);
@@ -841,16 +950,19 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
             }
             Action::AbortDrain { instance, node } => {
                 if let Some(n) = g.nodes.get(instance) {
-                    let patch = json!({
-                        "metadata": {
-                            "labels": {STATE_LABEL: NodeState::Running.as_str()},
-                            "annotations": {DRAINING_SINCE: null, EMPTY_SINCE: null},
-                        },
-                        "spec": {"unschedulable": null},
-                    });
+                    let patch = |_: &Node| {
+                        Some(json!({
+                            "metadata": {
+                                "labels": {STATE_LABEL: NodeState::Running.as_str()},
+                                "annotations": {DRAINING_SINCE: null, EMPTY_SINCE: null},
+                            },
+                            "spec": {"unschedulable": null},
+                        }))
+                    };
                     match patch_node(ctx, n, patch).await {
                         Ok(()) => {
                             ctx.metrics.drain_failed(&name, "timeout");
+                            ctx.metrics.blocked(&name, "DrainTimeout");
                             tracing::warn!(pool = %name, node = %node, timeout = %pool.spec.scale_down.drain_timeout, "drain aborted: back to running");
                             ctx.publish(pool, true, "DrainAborted", format!("node {node} could not be drained within {} (pods could not be evicted, e.g. a PodDisruptionBudget); it is running again", pool.spec.scale_down.drain_timeout)).await;
                         }
@@ -954,29 +1066,33 @@ async fn converge_nodes(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Pla
             startup_taints: &pool.spec.template.startup_taints,
             startup_taint_removal: pool.spec.template.startup_taint_removal,
         };
-        let taints = node
-            .spec
-            .as_ref()
-            .and_then(|s| s.taints.clone())
-            .unwrap_or_default();
-        let now = converge::NodeNow {
-            labels: node.labels(),
-            taints: &taints,
-            unschedulable: node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true),
-            ready: view.ready,
-            network_ready: view.network_ready,
+        // What changes, from the cached copy or, after a conflict, from a fresh one.
+        let change_of = |n: &Node| {
+            let taints = node_taints(n);
+            let now = converge::NodeNow {
+                labels: n.labels(),
+                taints: &taints,
+                unschedulable: n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true),
+                ready: view.ready,
+                network_ready: view.network_ready,
+            };
+            converge::converge(&template, state, &now)
         };
-        let Some(change) = converge::converge(&template, state, &now) else {
+        let Some(change) = change_of(node) else {
             continue;
         };
         let (promoted, remove_startup) = (change.promoted, change.taints.is_some());
-        let mut patch = json!({"metadata": {"labels": change.labels}});
-        if let Some(kept) = change.taints {
-            patch["spec"] = json!({"taints": kept});
-        }
-        if change.cordon {
-            patch["spec"]["unschedulable"] = json!(true);
-        }
+        let patch = |n: &Node| {
+            let change = change_of(n)?;
+            let mut patch = json!({"metadata": {"labels": change.labels}});
+            if let Some(kept) = change.taints {
+                patch["spec"] = json!({"taints": kept});
+            }
+            if change.cordon {
+                patch["spec"]["unschedulable"] = json!(true);
+            }
+            Some(patch)
+        };
         let result = patch_node(ctx, node, patch).await;
         // Observed once: only the write that actually promoted the node counts.
         if result.is_ok()
@@ -1051,7 +1167,16 @@ async fn write_status(
 ) -> Result<(), Error> {
     use crate::pool::status::{Failure, StatusInput, pool_status};
     let existing = pool.status.clone().unwrap_or_default();
-    let failure = errors.first().map(|e| match e {
+    // A refusal says most about what the user must do; then the first failure.
+    let first = errors
+        .iter()
+        .find(|e| matches!(e, Error::Blocked { .. }))
+        .or(errors.first());
+    let failure = first.map(|e| match e {
+        Error::Blocked { reason, message } => Failure::Blocked {
+            reason: (*reason).to_owned(),
+            message: message.clone(),
+        },
         Error::Cloud(crate::cloud::CloudError::InsufficientCapacity(m)) => {
             Failure::InsufficientCapacity(m.clone())
         }

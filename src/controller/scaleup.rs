@@ -595,7 +595,8 @@ fn publish_demand(ctx: &Context, decision: &ScaleUp) {
 
 /// Marks every chosen node `starting`, starts all of them in ONE call, and records what
 /// succeeded. A failed instance goes back to standby, out of the choice for a while.
-/// Returns whether some start failed (decide again).
+/// Returns whether some start failed or a node could not be marked for conflicts (decide
+/// again at once).
 async fn start_all(
     ctx: &Context,
     snap: &Snapshot,
@@ -610,32 +611,33 @@ async fn start_all(
         .collect();
     let marks = futures::future::join_all(decision.starts().into_iter().filter_map(|id| {
         let node = snap.nodes_by_instance.get(&id)?.clone();
-        let patch = json!({
-            "metadata": {
-                "resourceVersion": node.resource_version(),
-                "labels": {STATE_LABEL: NodeState::Starting.as_str()},
-                "annotations": {LAST_USED_ANNOTATION: jiff::Timestamp::now().to_string()},
-            },
-            "spec": {"unschedulable": null, "taints": nodepool::taints_out_of_standby(&node)},
-        });
-        let api = api.clone();
+        let patch = |n: &Node| {
+            Some(json!({
+                "metadata": {
+                    "labels": {STATE_LABEL: NodeState::Starting.as_str()},
+                    "annotations": {LAST_USED_ANNOTATION: jiff::Timestamp::now().to_string()},
+                },
+                "spec": {"unschedulable": null, "taints": nodepool::taints_out_of_standby(n)},
+            }))
+        };
         Some(async move {
-            match api
-                .patch(&node.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => Some(id),
+            match nodepool::patch_node(ctx, &node, patch).await {
+                Ok(_) => Ok(id),
                 Err(e) => {
-                    tracing::warn!(node = %node.name_any(), error = %e, "could not mark the node starting");
-                    None
+                    let class = super::retry::classify(&e);
+                    tracing::warn!(node = %node.name_any(), error = %e, ?class, "could not mark the node starting");
+                    Err(class)
                 }
             }
         })
     }))
     .await;
-    let ids: Vec<String> = marks.into_iter().flatten().collect();
+    // Others kept changing a node even across fresh reads: decide again at once rather
+    // than at the next resync (a conflict is no reason to wait).
+    let conflicted = marks.contains(&Err(super::retry::ErrorClass::Conflict));
+    let ids: Vec<String> = marks.into_iter().filter_map(Result::ok).collect();
     if ids.is_empty() {
-        return false;
+        return conflicted;
     }
     let outcome = ctx.cloud.start_instances(&ids).await;
     let mut any_failed = false;
@@ -679,7 +681,7 @@ async fn start_all(
     let started: BTreeSet<&str> = outcome.succeeded.iter().map(String::as_str).collect();
     remember_in_flight(snap, decision, memory, &started);
     record_starts(ctx, snap, decision, memory, &started).await;
-    any_failed
+    any_failed || conflicted
 }
 
 /// Pods placed on a node that is starting (or was just started) are in flight: they are

@@ -10,6 +10,12 @@ use crate::api::NodePoolStatus;
 /// What went wrong while executing the plan, as the status tells it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
+    /// The cluster refuses an action (an eviction): `reason` names what, e.g.
+    /// `EvictionBlockedByPDB`.
+    Blocked {
+        reason: String,
+        message: String,
+    },
     InsufficientCapacity(String),
     Cloud(String),
     Other(String),
@@ -50,6 +56,9 @@ pub fn pool_status(input: &StatusInput<'_>) -> (NodePoolStatus, Option<(String, 
             "WarmupFailing",
             format!("image pre-pull failed on {}", nodes.join(", ")),
         ),
+        (None, Some(Failure::Blocked { reason, message })) => {
+            (true, reason.as_str(), message.clone())
+        }
         (None, Some(Failure::InsufficientCapacity(m))) => (true, "InsufficientCapacity", m.clone()),
         (None, Some(Failure::Cloud(m))) => (true, "CloudError", m.clone()),
         (None, Some(Failure::Other(m))) => (true, "ReconcileError", m.clone()),

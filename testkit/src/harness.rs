@@ -226,6 +226,67 @@ impl TestCluster {
         }
     }
 
+    /// Makes every eviction in this test's namespace answer 403 Forbidden, as a missing
+    /// `pods/eviction` permission or a policy that denies evictions does: on the embedded
+    /// server a fault; on a real one a ValidatingAdmissionPolicy bound to the namespace.
+    pub async fn deny_evictions(&self) {
+        if let Some(server) = &self.server {
+            server.deny("create", "pods/eviction");
+            return;
+        }
+        use k8s_openapi::api::admissionregistration::v1::{
+            ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+        };
+        let name = deny_evictions_name(&self.id);
+        let policy: ValidatingAdmissionPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {TEST_LABEL: self.id}},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {"resourceRules": [{
+                    "apiGroups": [""], "apiVersions": ["v1"],
+                    "operations": ["CREATE"], "resources": ["pods/eviction"],
+                }]},
+                "validations": [{
+                    "expression": "false",
+                    "message": "evictions are denied in this namespace (e2e test)",
+                    "reason": "Forbidden",
+                }],
+            },
+        }))
+        .expect("policy");
+        let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {TEST_LABEL: self.id}},
+            "spec": {
+                "policyName": name,
+                "validationActions": ["Deny"],
+                "matchResources": {"namespaceSelector": {"matchLabels": {
+                    "kubernetes.io/metadata.name": self.namespace,
+                }}},
+            },
+        }))
+        .expect("binding");
+        let pp = kube::api::PostParams::default();
+        Api::<ValidatingAdmissionPolicy>::all(self.client.clone())
+            .create(&pp, &policy)
+            .await
+            .expect("create the policy");
+        Api::<ValidatingAdmissionPolicyBinding>::all(self.client.clone())
+            .create(&pp, &binding)
+            .await
+            .expect("create the binding");
+        // The API server's policy informer picks it up within about a second.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+
+    /// Undoes [`TestCluster::deny_evictions`].
+    pub async fn allow_evictions(&self) {
+        if let Some(server) = &self.server {
+            server.clear_faults();
+            return;
+        }
+        remove_deny_evictions(&self.client, &self.id).await;
+    }
+
     /// This test's name for a cluster-scoped object the test code calls `base` (a NodePool
     /// or AWSNodeClass: `workers` → `workers-t1a2b3c`).
     pub fn name(&self, base: &str) -> String {
@@ -703,8 +764,26 @@ impl Drop for TestCluster {
     }
 }
 
+fn deny_evictions_name(id: &str) -> String {
+    format!("stratos-e2e-deny-evictions-{id}")
+}
+
+async fn remove_deny_evictions(client: &Client, id: &str) {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    let name = deny_evictions_name(id);
+    let _ = Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
+        .delete(&name, &Default::default())
+        .await;
+    let _ = Api::<ValidatingAdmissionPolicy>::all(client.clone())
+        .delete(&name, &Default::default())
+        .await;
+}
+
 /// Deletes every object of test `id` from a real cluster.
 async fn remove_test_objects(client: &Client, id: &str, namespace: &str, domain: &str) {
+    remove_deny_evictions(client, id).await;
     let own = ListParams::default().labels(&format!("{TEST_LABEL}={id}"));
     let no_finalizers = Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}}));
     let pools: Api<NodePool> = Api::all(client.clone());
