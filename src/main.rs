@@ -140,13 +140,26 @@ async fn serve(cfg: RunConfig) -> Result<(), String> {
         leader_elect = cfg.leader_elect,
         "starting"
     );
+    // Every replica watches from the start: a standby that takes over acts on warm caches.
+    let caches = controller::Caches::start(&clients.kube, &operator);
     let controllers = {
         let (kube, eviction, health) = (
             clients.kube.clone(),
             clients.eviction.clone(),
             health.clone(),
         );
-        move |stop| controller::run(kube, eviction, cloud, operator, pool_metrics, health, stop)
+        move |stop| {
+            controller::run_with(
+                caches,
+                kube,
+                eviction,
+                cloud,
+                operator,
+                pool_metrics,
+                health,
+                stop,
+            )
+        }
     };
     let result = if cfg.leader_elect {
         let leader = LeaderConfig {

@@ -340,7 +340,8 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
             "{family} not registered"
         );
     }
-    // Only the leader acts: the standby's caches never started, so it reports no pools.
+    // Only the leader acts: the standby watches (its caches are warm) but its controllers
+    // never started, so it reports no pools.
     assert!(!standby.scrape().contains("stratos_pool_nodes{"));
     assert!(
         !standby.log().contains("caches synced"),
@@ -349,6 +350,7 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
     );
 
     // The leader dies without a word: the standby takes over within the lease duration.
+    let audited_before = server.audit().len();
     let died = Instant::now();
     replicas[l].child.kill().unwrap();
     replicas[l].child.wait().unwrap();
@@ -384,6 +386,15 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
         },
     )
     .await;
+    // Its caches were warm: it acted without listing the cluster's pods or nodes again.
+    let relists: Vec<String> = server.audit()[audited_before..]
+        .iter()
+        .filter(|a| a.method == "GET" && (a.path == "/api/v1/pods" || a.path == "/api/v1/nodes"))
+        .filter(|a| !a.query.contains("watch=true") && !a.query.contains("watch=1"))
+        .map(|a| format!("{}?{}", a.path, a.query))
+        .collect();
+    println!("lists of pods or nodes after the takeover: {relists:?}");
+    assert!(relists.is_empty(), "the new leader re-listed: {relists:?}");
 
     // SIGTERM: the lease is released at once and the process exits cleanly.
     let term = Instant::now();

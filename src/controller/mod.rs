@@ -282,8 +282,134 @@ fn trimmed_node(mut node: Node) -> Node {
     node
 }
 
-/// Runs every controller until `shutdown` resolves, then waits for in-flight reconciles.
-/// Only the leader calls this.
+/// The watched caches, with the notifiers their changes wake. Every replica fills them from
+/// its start, leader or not, so a standby that takes over acts on warm caches instead of
+/// re-listing every pod and node of the cluster first (SPEC §8, §12).
+pub struct Caches {
+    stores: Stores,
+    pool_store: Store<crate::api::NodePool>,
+    /// Node, pod, DaemonSet and class changes: wake the pool reconciles.
+    notify: Arc<Notify>,
+    /// Pod, node, claim, volume and pool changes: wake the scale-up loop.
+    pods_changed: Arc<Notify>,
+    /// Pool changes: wake the class controller.
+    pools_changed: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Caches {
+    /// Starts every watch in the background.
+    pub fn start(client: &Client, config: &OperatorConfig) -> Caches {
+        let notify = Arc::new(Notify::new());
+        let pods_changed = Arc::new(Notify::new());
+        let pools_changed = Arc::new(Notify::new());
+        let all = watcher::Config::default;
+        let (nodes, nodes_health, nodes_task) = reflect::cache(
+            "nodes",
+            client,
+            all(),
+            vec![notify.clone(), pods_changed.clone()],
+            trimmed_node,
+        );
+        let (pods, pods_health, pods_task) = reflect::cache::<Pod, _>(
+            "pods",
+            client,
+            all(),
+            vec![notify.clone(), pods_changed.clone()],
+            CachedPod::from,
+        );
+        let (daemonsets, ds_health, ds_task) = reflect::cache::<DaemonSet, _>(
+            "daemonsets",
+            client,
+            all(),
+            vec![notify.clone()],
+            drop_managed_fields,
+        );
+        let (claims, _, claims_task) = reflect::cache::<PersistentVolumeClaim, _>(
+            "persistentvolumeclaims",
+            client,
+            all(),
+            vec![pods_changed.clone()],
+            drop_managed_fields,
+        );
+        let (volumes, _, volumes_task) = reflect::cache::<PersistentVolume, _>(
+            "persistentvolumes",
+            client,
+            all(),
+            vec![pods_changed.clone()],
+            drop_managed_fields,
+        );
+        let (classes, _, classes_task) = reflect::cache::<AWSNodeClass, _>(
+            "awsnodeclasses",
+            client,
+            config.scoped_watch(),
+            vec![notify.clone()],
+            drop_managed_fields,
+        );
+        // Our own NodePool cache for GC, scale-up and the class controller.
+        let (pool_store, pools_health, pools_task) = reflect::cache::<crate::api::NodePool, _>(
+            "nodepools",
+            client,
+            config.scoped_watch(),
+            vec![pools_changed.clone(), pods_changed.clone()],
+            drop_managed_fields,
+        );
+        // GC terminates the instances of pools missing from the pool cache: it is part of
+        // the view destructive actions need current.
+        let freshness =
+            reflect::Freshness::new(vec![nodes_health, pods_health, ds_health, pools_health]);
+        let task = tokio::spawn(async move {
+            tokio::join!(
+                nodes_task,
+                pods_task,
+                ds_task,
+                classes_task,
+                pools_task,
+                claims_task,
+                volumes_task
+            );
+        });
+        Caches {
+            stores: Stores {
+                nodes,
+                pods,
+                daemonsets,
+                classes,
+                claims,
+                volumes,
+                freshness,
+            },
+            pool_store,
+            notify,
+            pods_changed,
+            pools_changed,
+            task,
+        }
+    }
+
+    /// Resolves once every cache has listed completely.
+    pub async fn wait_until_ready(&self) {
+        let s = &self.stores;
+        let _ = tokio::join!(
+            s.nodes.wait_until_ready(),
+            s.pods.wait_until_ready(),
+            s.daemonsets.wait_until_ready(),
+            s.classes.wait_until_ready(),
+            self.pool_store.wait_until_ready(),
+            s.claims.wait_until_ready(),
+            s.volumes.wait_until_ready()
+        );
+    }
+}
+
+impl Drop for Caches {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Runs every controller until `shutdown` resolves, then waits for in-flight reconciles,
+/// with caches of its own.
 pub async fn run(
     client: Client,
     eviction_client: Client,
@@ -293,87 +419,55 @@ pub async fn run(
     health: Arc<crate::http::Health>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let notify = Arc::new(Notify::new());
-    let pods_changed = Arc::new(Notify::new());
-    let all = watcher::Config::default;
-    let (nodes, nodes_health, nodes_task) = reflect::cache(
-        "nodes",
-        &client,
-        all(),
-        vec![notify.clone(), pods_changed.clone()],
-        trimmed_node,
-    );
-    let (pods, pods_health, pods_task) = reflect::cache::<Pod, _>(
-        "pods",
-        &client,
-        all(),
-        vec![notify.clone(), pods_changed.clone()],
-        CachedPod::from,
-    );
-    let (daemonsets, ds_health, ds_task) = reflect::cache::<DaemonSet, _>(
-        "daemonsets",
-        &client,
-        all(),
-        vec![notify.clone()],
-        drop_managed_fields,
-    );
-    let (claims, _, claims_task) = reflect::cache::<PersistentVolumeClaim, _>(
-        "persistentvolumeclaims",
-        &client,
-        all(),
-        vec![pods_changed.clone()],
-        drop_managed_fields,
-    );
-    let (volumes, _, volumes_task) = reflect::cache::<PersistentVolume, _>(
-        "persistentvolumes",
-        &client,
-        all(),
-        vec![pods_changed.clone()],
-        drop_managed_fields,
-    );
-    let (classes, _, classes_task) = reflect::cache::<AWSNodeClass, _>(
-        "awsnodeclasses",
-        &client,
-        config.scoped_watch(),
-        vec![notify.clone()],
-        drop_managed_fields,
-    );
-    // Our own NodePool cache for GC and the class controller: the readiness of the pool
-    // controller's internal store was never signalled in testing (kube-runtime 5.0).
-    let pools_changed = Arc::new(Notify::new());
-    let (pool_store, pools_health, pools_task) = reflect::cache::<crate::api::NodePool, _>(
-        "nodepools",
-        &client,
-        config.scoped_watch(),
-        vec![pools_changed.clone(), pods_changed.clone()],
-        drop_managed_fields,
-    );
-    // GC terminates the instances of pools missing from the pool cache: it is part of the
-    // view destructive actions need current.
-    let freshness =
-        reflect::Freshness::new(vec![nodes_health, pods_health, ds_health, pools_health]);
-    let background = tokio::spawn(async move {
-        tokio::join!(
-            nodes_task,
-            pods_task,
-            ds_task,
-            classes_task,
-            pools_task,
-            claims_task,
-            volumes_task
-        );
-    });
-    let _ = tokio::join!(
-        nodes.wait_until_ready(),
-        pods.wait_until_ready(),
-        daemonsets.wait_until_ready(),
-        classes.wait_until_ready(),
-        pool_store.wait_until_ready(),
-        claims.wait_until_ready(),
-        volumes.wait_until_ready()
-    );
+    let caches = Caches::start(&client, &config);
+    run_with(
+        caches,
+        client,
+        eviction_client,
+        cloud,
+        config,
+        metrics,
+        health,
+        shutdown,
+    )
+    .await
+}
+
+/// Runs every controller on `caches` (started earlier, e.g. while waiting for the lease)
+/// until `shutdown` resolves, then waits for in-flight reconciles. Only the leader calls
+/// this.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_with(
+    caches: Caches,
+    client: Client,
+    eviction_client: Client,
+    cloud: Arc<dyn CloudProvider>,
+    config: OperatorConfig,
+    metrics: Arc<PoolMetrics>,
+    health: Arc<crate::http::Health>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let synced = std::time::Instant::now();
+    caches.wait_until_ready().await;
     health.set(crate::http::Phase::Leading);
-    tracing::info!("caches synced; reconciling");
+    tracing::info!(
+        waited_ms = synced.elapsed().as_millis() as u64,
+        "caches synced; reconciling"
+    );
+    let Caches {
+        ref stores,
+        ref pool_store,
+        ref notify,
+        ref pods_changed,
+        ref pools_changed,
+        ..
+    } = caches;
+    let (notify, pods_changed, pools_changed, pool_store) = (
+        notify.clone(),
+        pods_changed.clone(),
+        pools_changed.clone(),
+        pool_store.clone(),
+    );
 
     let reporter = Reporter {
         controller: "stratos".into(),
@@ -386,15 +480,7 @@ pub async fn run(
         eviction_client,
         cloud,
         config,
-        stores: Stores {
-            nodes,
-            pods,
-            daemonsets,
-            classes,
-            claims,
-            volumes,
-            freshness,
-        },
+        stores: stores.clone(),
         metrics,
         failures: retry::Failures::default(),
         warnings: Mutex::new(HashMap::new()),
@@ -428,5 +514,5 @@ pub async fn run(
     let _ = gc.await;
     let _ = scale_up.await;
     stopper.abort();
-    background.abort();
+    drop(caches);
 }
