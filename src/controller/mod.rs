@@ -39,6 +39,7 @@ use crate::{api::AWSNodeClass, cloud::CloudProvider, metrics::PoolMetrics};
 
 pub use instances::InstanceCache;
 pub use podcache::CachedPod;
+use reflect::Wake;
 
 /// Settings of a running operator.
 #[derive(Debug, Clone)]
@@ -308,42 +309,47 @@ impl Caches {
             "nodes",
             client,
             all(),
-            vec![notify.clone(), pods_changed.clone()],
+            vec![Wake::always(&notify), Wake::always(&pods_changed)],
             trimmed_node,
         );
         let (pods, pods_health, pods_task) = reflect::cache::<Pod, _>(
             "pods",
             client,
             all(),
-            vec![notify.clone(), pods_changed.clone()],
+            // A pending pod concerns the scale-up decision (which wakes the pools it changes
+            // the demand of); a pod on a node concerns that node's pool.
+            vec![
+                Wake::when(&notify, |p: &CachedPod| p.node_name.is_some()),
+                Wake::always(&pods_changed),
+            ],
             CachedPod::from,
         );
         let (daemonsets, ds_health, ds_task) = reflect::cache::<DaemonSet, _>(
             "daemonsets",
             client,
             all(),
-            vec![notify.clone()],
+            vec![Wake::always(&notify)],
             drop_managed_fields,
         );
         let (claims, _, claims_task) = reflect::cache::<PersistentVolumeClaim, _>(
             "persistentvolumeclaims",
             client,
             all(),
-            vec![pods_changed.clone()],
+            vec![Wake::always(&pods_changed)],
             drop_managed_fields,
         );
         let (volumes, _, volumes_task) = reflect::cache::<PersistentVolume, _>(
             "persistentvolumes",
             client,
             all(),
-            vec![pods_changed.clone()],
+            vec![Wake::always(&pods_changed)],
             drop_managed_fields,
         );
         let (classes, _, classes_task) = reflect::cache::<AWSNodeClass, _>(
             "awsnodeclasses",
             client,
             config.scoped_watch(),
-            vec![notify.clone()],
+            vec![Wake::always(&notify)],
             drop_managed_fields,
         );
         // Our own NodePool cache for GC, scale-up and the class controller.
@@ -351,7 +357,7 @@ impl Caches {
             "nodepools",
             client,
             config.scoped_watch(),
-            vec![pools_changed.clone(), pods_changed.clone()],
+            vec![Wake::always(&pools_changed), Wake::always(&pods_changed)],
             drop_managed_fields,
         );
         // GC terminates the instances of pools missing from the pool cache: it is part of

@@ -156,14 +156,40 @@ impl Freshness {
     }
 }
 
+/// Whom a cache's changes wake: `notify`, for the objects `when` selects (and on every
+/// completed re-list). Routes changes to the loops they concern: a pending pod concerns the
+/// scale-up decision, not every pool's reconcile.
+pub struct Wake<K> {
+    pub notify: Arc<Notify>,
+    pub when: fn(&K) -> bool,
+}
+
+impl<K> Wake<K> {
+    /// Woken by every change.
+    pub fn always(notify: &Arc<Notify>) -> Self {
+        Self {
+            notify: notify.clone(),
+            when: |_| true,
+        }
+    }
+
+    /// Woken by the changes of the objects `when` selects.
+    pub fn when(notify: &Arc<Notify>, when: fn(&K) -> bool) -> Self {
+        Self {
+            notify: notify.clone(),
+            when,
+        }
+    }
+}
+
 /// A cache of every `S` (as `watch` selects them), stored as `convert` makes it (trimmed, or
-/// a compact form such as `CachedPod`), with its health. `notify` is woken on every change
-/// and on every completed (re-)list.
+/// a compact form such as `CachedPod`), with its health. Each of `wakes` is woken on the
+/// changes it selects and on every completed (re-)list.
 pub fn cache<S, K>(
     name: &'static str,
     client: &Client,
     watch: watcher::Config,
-    notify: Vec<Arc<Notify>>,
+    wakes: Vec<Wake<K>>,
     convert: fn(S) -> K,
 ) -> (Store<K>, Arc<CacheHealth>, BoxFuture<'static, ()>)
 where
@@ -201,15 +227,18 @@ where
                     Event::InitDone => Event::InitDone,
                 };
                 writer.apply_watcher_event(&event);
-                match event {
-                    Event::Init | Event::InitApply(_) => continue,
+                match &event {
+                    Event::Init | Event::InitApply(_) => {}
                     Event::InitDone => {
                         task_health.caught_up();
                         kube::runtime::utils::Backoff::reset(&mut retry);
+                        wakes.iter().for_each(|w| w.notify.notify_one());
                     }
-                    Event::Apply(_) | Event::Delete(_) => {}
+                    Event::Apply(o) | Event::Delete(o) => wakes
+                        .iter()
+                        .filter(|w| (w.when)(o))
+                        .for_each(|w| w.notify.notify_one()),
                 }
-                notify.iter().for_each(|n| n.notify_one());
             }
             tokio::time::sleep(retry.next().unwrap_or(MAX_RETRY)).await;
         }
