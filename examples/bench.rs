@@ -217,22 +217,26 @@ async fn decision() -> bool {
             (*last - burst).as_secs_f64()
         );
     }
-    // Each pod is served by the StartInstances call that started the node it runs on: its
-    // latency runs from its own mark to that call (zero when the call came first — the pod
-    // fit in room already on its way, which is what group commit and in-flight room buy).
-    let node_instance: HashMap<String, String> = cluster
-        .cloud
-        .all_instances()
-        .into_iter()
-        .filter_map(|i| Some((i.private_dns_name.clone()?, i.id.clone())))
-        .collect();
-    let started_by: HashMap<&str, Instant> = start_calls
+    for c in &start_calls {
+        let marked_by = marked.values().filter(|t| **t <= c.at).count();
+        println!(
+            "decision: +{:.2}s StartInstances of {} node(s) ({} of the pods marked by then)",
+            (c.at - burst).as_secs_f64(),
+            c.ids.len(),
+            marked_by
+        );
+    }
+    let describe_at: Vec<String> = calls
         .iter()
-        .flat_map(|c| c.ids.iter().map(|id| (id.as_str(), c.at)))
-        .fold(HashMap::new(), |mut m, (id, at)| {
-            m.entry(id).or_insert(at);
-            m
-        });
+        .filter(|c| c.operation == Operation::DescribeInstances)
+        .map(|c| format!("+{:.1}s", (c.at - burst).as_secs_f64()))
+        .collect();
+    println!("decision: DescribeInstances at {describe_at:?}");
+    // Pods are fungible: a start serves the pool's pods in the order they were marked, as
+    // many as the started nodes hold. So a pool's k-th marked pod is served by the call that
+    // brought the pool's started capacity to k pods (capacity per node: the most pods any
+    // of the pool's nodes ended up running). Its latency runs from its own mark to that
+    // call, or is zero when the capacity was already on its way.
     let placed: HashMap<String, String> = pods
         .list(&Default::default())
         .await
@@ -241,27 +245,52 @@ async fn decision() -> bool {
         .into_iter()
         .filter_map(|p| Some((p.name_any(), p.spec?.node_name?)))
         .collect();
+    let mut per_node: HashMap<&str, usize> = HashMap::new();
+    for node in placed.values() {
+        *per_node.entry(node.as_str()).or_default() += 1;
+    }
+    let per_node_max = per_node.values().copied().max().unwrap_or(1).max(1);
     let mut latencies = Vec::new();
     let mut unserved = 0;
     let mut ahead = 0;
-    for i in 0..PODS {
-        let name = format!("job-{i}");
-        let call = placed
-            .get(&name)
-            .and_then(|node| node_instance.get(node))
-            .and_then(|id| started_by.get(id.as_str()));
-        match (marked.get(&name), call) {
-            (Some(at), Some(t)) => {
-                if t < at {
-                    ahead += 1;
+    for p in 0..POOLS {
+        let pool = cluster.name(&format!("pool-{p}"));
+        let mut marks: Vec<Instant> = (0..PODS)
+            .filter(|i| i % POOLS == p)
+            .filter_map(|i| marked.get(&format!("job-{i}")).copied())
+            .collect();
+        marks.sort();
+        unserved += PODS / POOLS - marks.len();
+        let starts = starts_by_pool.get(&pool).cloned().unwrap_or_default();
+        let mut capacity = 0;
+        let mut calls = starts.iter();
+        let mut at = None;
+        for (k, mark) in marks.iter().enumerate() {
+            while capacity <= k {
+                match calls.next() {
+                    Some((t, n)) => {
+                        capacity += n * per_node_max;
+                        at = Some(*t);
+                    }
+                    None => {
+                        at = None;
+                        break;
+                    }
                 }
-                latencies.push(t.saturating_duration_since(*at));
             }
-            _ => unserved += 1,
+            match at {
+                Some(t) if capacity > k => {
+                    if t < *mark {
+                        ahead += 1;
+                    }
+                    latencies.push(t.saturating_duration_since(*mark));
+                }
+                _ => unserved += 1,
+            }
         }
     }
     println!(
-        "decision: {ahead} pods landed on a node whose start was issued before their own mark (room on its way)"
+        "decision: {ahead} pods were served by capacity started before their own mark (at most {per_node_max} pods per node)"
     );
     latencies.sort();
     // What the batch window adds is the burst's own spread; after its last pod, only the
