@@ -13,8 +13,8 @@ use kube::{
 use stratos::{api::NodePool, cloud::ratelimit::Operation};
 use testkit::harness::{ClusterOptions, TestCluster};
 
-/// The quickstart at poolSize 3 and minStandby 1, plus a pod of it running on a pool node.
-async fn pool_with_a_running_pod(cluster: &TestCluster) -> String {
+/// The quickstart at poolSize 3 and minStandby 1, its standby node warm.
+async fn pool_with_one_standby_node(cluster: &TestCluster) {
     cluster
         .apply_yaml(
             &include_str!("../examples/quickstart.yaml")
@@ -23,10 +23,16 @@ async fn pool_with_a_running_pod(cluster: &TestCluster) -> String {
         )
         .await;
     cluster.wait_standby("workers", 1, 1).await;
-    cluster
-        // Names as the test writes them; `apply_yaml` scopes them to this test.
-        .apply_yaml("apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: default\n  labels:\n    app: web\nspec:\n  nodeSelector:\n    stratos.sh/pool: workers\n  containers:\n    - name: c\n      image: web:1\n      resources:\n        requests:\n          cpu: 500m\n")
-        .await;
+}
+
+/// The pod `web` (500m, label app=web) on the pool's nodes. Names as the test writes them;
+/// `apply_yaml` scopes them to this test.
+const WEB_POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: default\n  labels:\n    app: web\nspec:\n  nodeSelector:\n    stratos.sh/pool: workers\n  containers:\n    - name: c\n      image: web:1\n      resources:\n        requests:\n          cpu: 500m\n";
+
+/// [`pool_with_one_standby_node`], plus [`WEB_POD`] running on it; returns the node.
+async fn pool_with_a_running_pod(cluster: &TestCluster) -> String {
+    pool_with_one_standby_node(cluster).await;
+    cluster.apply_yaml(WEB_POD).await;
     cluster
         .running_node_of("web", Duration::from_secs(30))
         .await
@@ -223,21 +229,12 @@ async fn conflicts_on_node_patches_do_not_stall_a_scale_up() {
         return;
     };
     let _operator = cluster.start_operator();
-    cluster
-        .apply_yaml(
-            &include_str!("../examples/quickstart.yaml")
-                .replace("poolSize: 10", "poolSize: 3")
-                .replace("minStandby: 3", "minStandby: 1"),
-        )
-        .await;
-    cluster.wait_standby("workers", 1, 1).await;
+    pool_with_one_standby_node(&cluster).await;
     // As after a kube-apiserver restart: the next 14 node writes meet 409 Conflict.
     server.fail_next("patch", "nodes", 409, 14);
     let before = cluster.cloud.call_count(Operation::StartInstances);
     let created = Instant::now();
-    cluster
-        .apply_yaml("apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: default\nspec:\n  nodeSelector:\n    stratos.sh/pool: workers\n  containers:\n    - name: c\n      image: web:1\n      resources:\n        requests:\n          cpu: 500m\n")
-        .await;
+    cluster.apply_yaml(WEB_POD).await;
     cluster
         .wait_for("the start", Duration::from_secs(10), || async {
             (cluster.cloud.call_count(Operation::StartInstances) > before).then_some(())

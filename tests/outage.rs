@@ -93,16 +93,25 @@ fn cloud_calls(cluster: &TestCluster, t0: Instant, back: Instant) {
     }
 }
 
+/// A cluster and its operator, the pool applied at `t0`; `None` when this cluster's API
+/// server cannot be taken down.
+async fn pool_applied() -> Option<(TestCluster, testkit::harness::Operator, Instant)> {
+    let cluster = TestCluster::start(options()).await;
+    if skip_without_outage_command(&cluster) {
+        return None;
+    }
+    let operator = cluster.start_operator();
+    let t0 = Instant::now();
+    cluster.apply_yaml(&pool_yaml()).await;
+    Some((cluster, operator, t0))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_mid_warmup_terminates_nothing() {
     let _turn = OUTAGES.lock().await;
-    let cluster = TestCluster::start(options()).await;
-    if skip_without_outage_command(&cluster) {
+    let Some((cluster, _operator, t0)) = pool_applied().await else {
         return;
-    }
-    let _operator = cluster.start_operator();
-    let t0 = Instant::now();
-    cluster.apply_yaml(&pool_yaml()).await;
+    };
     // The outage begins as soon as the instances are launched, before their nodes register.
     cluster
         .wait_for("2 launches", Duration::from_secs(20), || async {
@@ -146,13 +155,9 @@ async fn a_brief_outage_at_standby_is_followed_by_action_within_seconds() {
 /// 2 to 3: exactly one launch (within 5 s), no termination, standby within 20 s.
 async fn outage_at_standby(length: Duration) {
     let _turn = OUTAGES.lock().await;
-    let cluster = TestCluster::start(options()).await;
-    if skip_without_outage_command(&cluster) {
+    let Some((cluster, _operator, t0)) = pool_applied().await else {
         return;
-    }
-    let _operator = cluster.start_operator();
-    let t0 = Instant::now();
-    cluster.apply_yaml(&pool_yaml()).await;
+    };
     cluster.wait_standby("workers", 2, 2).await;
     let launched = cluster.launched();
     let back = cluster.api_outage(length).await;

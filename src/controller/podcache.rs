@@ -3,7 +3,13 @@
 //! cached as [`CachedPod`]: what decisions read, computed once as the pod arrives. A bound
 //! pod costs well under 1 KiB (SPEC §12: < 150 MiB with 50,000 pods).
 
-use std::{borrow::Cow, time::SystemTime};
+use std::{
+    borrow::Cow,
+    collections::HashMap,
+    hash::{BuildHasher, Hash},
+    sync::{Arc, LazyLock, Mutex, Weak},
+    time::SystemTime,
+};
 
 use std::collections::BTreeMap;
 
@@ -37,8 +43,9 @@ pub struct CachedPod {
     pub unschedulable: bool,
     /// When it became unschedulable (or was created).
     pub pending_since: Option<SystemTime>,
-    /// Its labels: other pods' affinity and spread constraints select by them.
-    pub labels: BTreeMap<String, String>,
+    /// Its labels: other pods' affinity and spread constraints select by them. Shared
+    /// between the pods that carry the same set (a workload's replicas), see [`LabelSets`].
+    pub labels: Arc<BTreeMap<String, String>>,
     /// The scheduler's view of its requests (SPEC §6); `None` when one is not a valid
     /// quantity.
     pub requests: Option<Resources>,
@@ -51,6 +58,71 @@ pub struct CachedPod {
     /// The scheduling constraints, kept only while the pod is unschedulable: a bound pod
     /// needs none of it.
     pub scheduling: Option<Box<PodSpec>>,
+}
+
+/// One copy of each label set in use. A workload's replicas carry identical labels, and a
+/// cluster's 50,000 pods hold a few hundred distinct sets; sharing them saves a map and its
+/// strings per pod. Entries go when their last pod does (weak references, swept as the
+/// table grows), so sets that churn (a Job's per-run labels) do not accumulate.
+pub struct LabelSets {
+    table: Mutex<LabelTable>,
+}
+
+#[derive(Default)]
+struct LabelTable {
+    by_hash: HashMap<u64, Vec<Weak<BTreeMap<String, String>>>>,
+    /// Entries added since the last sweep, and live entries at that sweep.
+    added: usize,
+    live: usize,
+}
+
+static LABEL_SETS: LazyLock<LabelSets> = LazyLock::new(|| LabelSets {
+    table: Mutex::new(LabelTable::default()),
+});
+
+impl LabelSets {
+    /// The shared copy of `labels`.
+    pub fn share(&self, labels: BTreeMap<String, String>) -> Arc<BTreeMap<String, String>> {
+        if labels.is_empty() {
+            return Arc::new(labels);
+        }
+        let key = stable_hash(&labels);
+        let mut t = self.table.lock().expect("label sets lock");
+        let bucket = t.by_hash.entry(key).or_default();
+        if let Some(found) = bucket
+            .iter()
+            .filter_map(Weak::upgrade)
+            .find(|l| **l == labels)
+        {
+            return found;
+        }
+        bucket.retain(|w| w.strong_count() > 0);
+        let shared = Arc::new(labels);
+        bucket.push(Arc::downgrade(&shared));
+        t.added += 1;
+        if t.added > t.live.max(1024) {
+            t.by_hash.retain(|_, b| {
+                b.retain(|w| w.strong_count() > 0);
+                !b.is_empty()
+            });
+            t.live = t.by_hash.values().map(Vec::len).sum();
+            t.added = 0;
+        }
+        shared
+    }
+
+    #[cfg(test)]
+    fn entries(&self) -> usize {
+        let t = self.table.lock().expect("label sets lock");
+        t.by_hash.values().map(Vec::len).sum()
+    }
+}
+
+fn stable_hash(labels: &BTreeMap<String, String>) -> u64 {
+    static STATE: LazyLock<std::hash::RandomState> = LazyLock::new(Default::default);
+    let mut h = STATE.build_hasher();
+    labels.hash(&mut h);
+    std::hash::Hasher::finish(&h)
 }
 
 impl CachedPod {
@@ -100,7 +172,7 @@ impl From<Pod> for CachedPod {
             .iter()
             .any(|c| c.type_ == "Ready" && c.status == "True");
         let mut meta = pod.metadata;
-        let labels = meta.labels.take().unwrap_or_default();
+        let labels = LABEL_SETS.share(meta.labels.take().unwrap_or_default());
         let pending_since = conditions
             .iter()
             .find(|c| c.type_ == "PodScheduled" && c.status == "False")
@@ -194,6 +266,36 @@ mod tests {
 
     fn pod(v: serde_json::Value) -> CachedPod {
         CachedPod::from(serde_json::from_value::<Pod>(v).unwrap())
+    }
+
+    #[test]
+    fn replicas_share_one_label_set_and_gone_sets_are_dropped() {
+        let sets = LabelSets {
+            table: Mutex::new(LabelTable::default()),
+        };
+        let labels = |app: &str| {
+            BTreeMap::from([
+                ("app".to_owned(), app.to_owned()),
+                ("pod-template-hash".to_owned(), "5d8f9c7b6".to_owned()),
+            ])
+        };
+        let a = sets.share(labels("web"));
+        let b = sets.share(labels("web"));
+        assert!(Arc::ptr_eq(&a, &b), "one copy for the replicas");
+        let c = sets.share(labels("db"));
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_eq!(sets.entries(), 2);
+        drop((a, b));
+        // Churn: thousands of short-lived sets (a Job's per-run labels) are swept.
+        for i in 0..5000 {
+            drop(sets.share(labels(&format!("job-{i}"))));
+        }
+        assert!(sets.entries() < 2000, "{} entries kept", sets.entries());
+        assert_eq!(*sets.share(labels("db")), labels("db"));
+        assert!(
+            Arc::ptr_eq(&c, &sets.share(labels("db"))),
+            "live sets stay shared"
+        );
     }
 
     #[test]

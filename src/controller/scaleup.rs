@@ -331,7 +331,7 @@ fn gather(
                 key: p.key(),
                 placement: PodPlacement::new(
                     p.metadata.namespace.as_deref().unwrap_or("default"),
-                    p.labels.clone(),
+                    (*p.labels).clone(),
                     &spec,
                 ),
                 spec,
@@ -354,7 +354,7 @@ fn gather(
                 let node = p.node_name.as_ref()?;
                 Some(PlacedPod {
                     namespace: p.metadata.namespace.clone().unwrap_or_default(),
-                    labels: p.labels.clone(),
+                    labels: (*p.labels).clone(),
                     node: node.clone(),
                     zone: nodes_by_name.get(node).and_then(|n| zone_of(n)),
                     anti_affinity: p.anti_affinity.clone(),

@@ -565,13 +565,23 @@ async fn register(
     }
 }
 
+/// A `MicroTime` as kube-apiserver parses it: exactly six fractional digits (it answers 500
+/// to a Lease whose renewTime has nanoseconds).
+fn micro_time(t: jiff::Timestamp) -> String {
+    format!(
+        "{}.{:06}Z",
+        t.strftime("%Y-%m-%dT%H:%M:%S"),
+        t.subsec_microsecond()
+    )
+}
+
 async fn renew_lease(client: &Client, node: &str) {
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(client.clone(), "kube-node-lease");
     let lease = json!({
         "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
         "metadata": {"name": node},
-        "spec": {"holderIdentity": node, "leaseDurationSeconds": 40, "renewTime": jiff::Timestamp::now().to_string()}
+        "spec": {"holderIdentity": node, "leaseDurationSeconds": 40, "renewTime": micro_time(jiff::Timestamp::now())}
     });
     let _ = leases
         .patch(
@@ -727,6 +737,14 @@ async fn run_pods(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lease_times_have_exactly_six_fractional_digits() {
+        let t = jiff::Timestamp::from_nanosecond(1_800_000_000_123_456_789).unwrap();
+        assert_eq!(micro_time(t), "2027-01-15T08:00:00.123456Z");
+        let whole = jiff::Timestamp::from_second(1_800_000_000).unwrap();
+        assert_eq!(micro_time(whole), "2027-01-15T08:00:00.000000Z");
+    }
 
     #[test]
     fn kubelet_flags_come_from_the_bootstrap_script() {
