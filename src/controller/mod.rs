@@ -133,6 +133,11 @@ pub struct Context {
     pub pools_changed: Arc<Notify>,
     /// When each Warning (object, reason, note) was last published.
     warnings: Mutex<HashMap<String, std::time::Instant>>,
+    /// Nodes the scale-up loop marked `starting` (by instance id), and when: the node cache
+    /// shows a label write a moment after the write succeeds, while the instance listing
+    /// shows the start at once (written through). Without this a pool reconcile in between
+    /// reads "standby intent, instance running" and stops the node it was just given.
+    marked_starting: Mutex<HashMap<String, std::time::SystemTime>>,
 }
 
 /// A Warning identical to one published this recently is not published again: a retry
@@ -156,6 +161,38 @@ impl Context {
     /// [`retry`]: conflicts and blocked actions are not counted as failures).
     pub fn retry_delay(&self, key: &str, error: &Error) -> Duration {
         self.failures.failed(key, retry::classify(error))
+    }
+
+    /// Records that the node of `instance` was just labelled `starting`.
+    pub fn marked_starting(&self, instance: &str) {
+        let now = std::time::SystemTime::now();
+        let mut m = self.marked_starting.lock().expect("marked lock");
+        m.retain(|_, at| {
+            now.duration_since(*at)
+                .is_ok_and(|a| a < crate::pool::plan::START_IN_FLIGHT)
+        });
+        m.insert(instance.to_owned(), now);
+    }
+
+    /// The start of `instance` failed and its node went back to standby.
+    pub fn unmarked_starting(&self, instance: &str) {
+        self.marked_starting
+            .lock()
+            .expect("marked lock")
+            .remove(instance);
+    }
+
+    /// When the node of `instance` was labelled `starting`, if that was moments ago.
+    pub fn recently_marked_starting(&self, instance: &str) -> Option<std::time::SystemTime> {
+        let at = *self
+            .marked_starting
+            .lock()
+            .expect("marked lock")
+            .get(instance)?;
+        std::time::SystemTime::now()
+            .duration_since(at)
+            .is_ok_and(|a| a < crate::pool::plan::START_IN_FLIGHT)
+            .then_some(at)
     }
 
     /// The pool's share of the last scale-up decision.
@@ -490,6 +527,7 @@ pub async fn run_with(
         metrics,
         failures: retry::Failures::default(),
         warnings: Mutex::new(HashMap::new()),
+        marked_starting: Mutex::new(HashMap::new()),
         demand: Mutex::new(HashMap::new()),
         pods_changed,
         pools_changed: notify.clone(),

@@ -277,7 +277,21 @@ async fn gather(pool: &NodePool, ctx: &Context, deleting: bool) -> Result<Gather
                     .get(&n.name_any())
                     .map(Vec::as_slice)
                     .unwrap_or_default();
-                node_view(n, pods, ctx, images_to_pull)
+                let mut view = node_view(n, pods, ctx, images_to_pull);
+                // Our own `starting` label, written moments ago and not yet in the cache.
+                if let Some(at) = ctx.recently_marked_starting(&inst.id) {
+                    if view.state_label == Some(NodeState::Standby)
+                        && view.start_requested.is_none_or(|r| r < at)
+                    {
+                        view.state_label = Some(NodeState::Starting);
+                        view.start_requested = Some(at);
+                    } else {
+                        // The cache has caught up: from now on it is the truth (a later
+                        // return to standby is real).
+                        ctx.unmarked_starting(&inst.id);
+                    }
+                }
+                view
             });
             if let Some(n) = node {
                 nodes.insert(inst.id.clone(), n);

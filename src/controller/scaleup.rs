@@ -639,6 +639,9 @@ async fn start_all(
     if ids.is_empty() {
         return conflicted;
     }
+    for id in &ids {
+        ctx.marked_starting(id);
+    }
     let outcome = ctx.cloud.start_instances(&ids).await;
     let mut any_failed = false;
     for (id, e) in &outcome.failed {
@@ -650,6 +653,7 @@ async fn start_all(
         tracing::warn!(pool, instance = %id, error = %e, "start failed; back to standby, deciding again without it");
         if let Some(node) = snap.nodes_by_instance.get(id) {
             back_to_standby(&api, snap.pool_objects.get(pool).map(|p| &**p), node).await;
+            ctx.unmarked_starting(id);
             let note = format!(
                 "instance {id} could not start: {e}; it stays in standby for {}s and the pods are decided again",
                 START_BACKOFF.as_secs()
