@@ -841,6 +841,21 @@ async fn create_namespace(client: &Client, name: &str) {
         Err(kube::Error::Api(e)) if e.code == 409 => {}
         Err(e) => panic!("create namespace {name}: {e}"),
     }
+    // A real control plane admits pods only once its service-account controller has made
+    // the namespace's `default` ServiceAccount (slower while it recovers from an API server
+    // restart); the embedded one does not check.
+    if real_cluster() {
+        let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            Api::namespaced(client.clone(), name);
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        while !matches!(accounts.get_opt("default").await, Ok(Some(_))) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no default ServiceAccount in {name} after 90 s: is kube-controller-manager running?"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
 
 /// The object at `path` (created empty if missing or null), when there is one to be had.
