@@ -111,6 +111,8 @@ pub struct PoolMetrics {
     warmup_results: IntCounterVec,
     warmup_duration: HistogramVec,
     reconcile_errors: IntCounterVec,
+    round_duration: HistogramVec,
+    decision_duration: HistogramVec,
 }
 
 impl PoolMetrics {
@@ -145,6 +147,26 @@ impl PoolMetrics {
                 "Failed reconciles by controller and error.",
             ),
             &["controller", "error"],
+        )?;
+        // Fine buckets: SPEC §12 holds a round to p99 < 50 ms.
+        let round_buckets = vec![
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
+        let round_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "stratos_reconcile_duration_seconds",
+                "One reconcile round, from its start to its last write (cloud calls included), by controller.",
+            )
+            .buckets(round_buckets.clone()),
+            &["controller"],
+        )?;
+        let decision_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "stratos_decision_duration_seconds",
+                "The part of a round that reads the caches and decides (snapshot and plan), without any call, by controller.",
+            )
+            .buckets(round_buckets),
+            &["controller"],
         )?;
         let seconds = |name: &str, help: &str, buckets: Vec<f64>| {
             HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["pool"])
@@ -223,6 +245,8 @@ impl PoolMetrics {
         registry.register(Box::new(warmup_results.clone()))?;
         registry.register(Box::new(warmup_duration.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
+        registry.register(Box::new(round_duration.clone()))?;
+        registry.register(Box::new(decision_duration.clone()))?;
         Ok(Self {
             registry: registry.clone(),
             decision_latency,
@@ -240,6 +264,8 @@ impl PoolMetrics {
             warmup_results,
             warmup_duration,
             reconcile_errors,
+            round_duration,
+            decision_duration,
         })
     }
 
@@ -344,6 +370,16 @@ impl PoolMetrics {
         let encoder = prometheus::TextEncoder::new();
         let _ = encoder.encode_utf8(&self.registry.gather(), &mut out);
         out
+    }
+
+    /// A whole round, and the part of it that decided.
+    pub fn round(&self, controller: &str, whole: Duration, deciding: Duration) {
+        self.round_duration
+            .with_label_values(&[controller])
+            .observe(whole.as_secs_f64());
+        self.decision_duration
+            .with_label_values(&[controller])
+            .observe(deciding.as_secs_f64());
     }
 
     pub fn reconcile_error(&self, controller: &str, error: &str) {

@@ -3,7 +3,7 @@
 //! writes status, events and metrics.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     future::Future,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -237,6 +237,8 @@ struct Gathered {
     snapshot: PoolSnapshot,
     nodes: HashMap<String, Arc<Node>>,
     class: Option<Arc<crate::api::AWSNodeClass>>,
+    /// How long the instance listing took (a cached one is instant).
+    listing: Duration,
 }
 
 async fn gather(pool: &NodePool, ctx: &Context, deleting: bool) -> Result<Gathered, Error> {
@@ -244,11 +246,16 @@ async fn gather(pool: &NodePool, ctx: &Context, deleting: bool) -> Result<Gather
     // Current before the caches are read and still after: nothing in between came from a
     // store whose watch had failed.
     let current_before = ctx.stores.freshness.current();
+    let listing = std::time::Instant::now();
     let (_, instances) = ctx.instances.get().await?;
+    let listing = listing.elapsed();
     let members_instances: Vec<&Instance> = instances
         .iter()
         .filter(|i| i.tag(tags::POOL) == Some(name.as_str()))
         .collect();
+    // Only this pool's nodes and their pods: a round costs one pass over each cache, with
+    // lookups into the pool's own few hundred members, never a map of the whole cluster.
+    let member_ids: HashSet<&str> = members_instances.iter().map(|i| i.id.as_str()).collect();
     let mut node_by_instance: HashMap<String, Arc<Node>> = HashMap::new();
     for node in ctx.stores.nodes.state() {
         if let Some((_, id)) = node
@@ -256,14 +263,22 @@ async fn gather(pool: &NodePool, ctx: &Context, deleting: bool) -> Result<Gather
             .as_ref()
             .and_then(|s| s.provider_id.as_deref())
             .and_then(parse_provider_id)
+            && member_ids.contains(id)
         {
             node_by_instance.insert(id.to_owned(), node.clone());
         }
     }
-    let mut pods_by_node: HashMap<String, Vec<Arc<CachedPod>>> = HashMap::new();
+    let mut pods_by_node: HashMap<String, Vec<Arc<CachedPod>>> = node_by_instance
+        .values()
+        .map(|n| (n.name_any(), Vec::new()))
+        .collect();
     for pod in ctx.stores.pods.state() {
-        if let Some(node) = pod.node_name.clone() {
-            pods_by_node.entry(node).or_default().push(pod);
+        if let Some(on) = pod
+            .node_name
+            .as_deref()
+            .and_then(|n| pods_by_node.get_mut(n))
+        {
+            on.push(pod);
         }
     }
     let images_to_pull = !pool.spec.pre_warm.images_to_pull.is_empty();
@@ -334,11 +349,13 @@ async fn gather(pool: &NodePool, ctx: &Context, deleting: bool) -> Result<Gather
         snapshot,
         nodes,
         class: class.map(|(c, _)| c),
+        listing,
     })
 }
 
 async fn reconcile_pool(pool: &NodePool, ctx: &Context, deleting: bool) -> Result<Requeue, Error> {
     let name = pool.name_any();
+    let round = std::time::Instant::now();
     let gathered = match gather(pool, ctx, deleting).await {
         Ok(g) => g,
         Err(Error::Cloud(e)) if !deleting => {
@@ -364,6 +381,7 @@ async fn reconcile_pool(pool: &NodePool, ctx: &Context, deleting: bool) -> Resul
         Err(e) => return Err(e),
     };
     let plan = plan::plan_pool(&gathered.snapshot);
+    let deciding = round.elapsed().saturating_sub(gathered.listing);
     if !plan.held.is_empty() {
         let held: Vec<String> = plan.held.iter().map(describe_action).collect();
         tracing::info!(
@@ -421,6 +439,7 @@ async fn reconcile_pool(pool: &NodePool, ctx: &Context, deleting: bool) -> Resul
         &by_state,
     );
     write_status(pool, ctx, &plan, gathered.class.is_some(), &errors).await?;
+    ctx.metrics.round("nodepool", round.elapsed(), deciding);
     if let Some(e) = errors.into_iter().next() {
         return Err(e);
     }
@@ -440,6 +459,21 @@ async fn reconcile_pool(pool: &NodePool, ctx: &Context, deleting: bool) -> Resul
     } else {
         ctx.config.resync
     }))
+}
+
+/// The pods that keep `node` from being stopped (SPEC §11 I3), read from the API server:
+/// bound to it, not DaemonSet or mirror pods, not finished; terminating ones count.
+async fn pods_holding(ctx: &Context, node: &str) -> Result<Vec<String>, Error> {
+    let api: Api<k8s_openapi::api::core::v1::Pod> = Api::all(ctx.client.clone());
+    let params = kube::api::ListParams::default().fields(&format!("spec.nodeName={node}"));
+    let pods = api.list(&params).await?;
+    Ok(pods
+        .items
+        .into_iter()
+        .map(CachedPod::from)
+        .filter(|p| p.is_workload() || p.is_terminating())
+        .map(|p| p.key())
+        .collect())
 }
 
 /// The Node of `instance`, read from the API server rather than the cache: by name (EKS
@@ -645,6 +679,25 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
             _ => None,
         })
         .collect();
+    // I3 from the API server, as for stops below.
+    let mut confirmed = Vec::with_capacity(terminations.len());
+    for t in terminations {
+        if let (_, Some(node), _) = t {
+            match pods_holding(ctx, node).await {
+                Ok(holding) if holding.is_empty() => {}
+                Ok(holding) => {
+                    tracing::info!(pool = %name, instance = %t.0, node = %node, ?holding, "not terminating: pods are bound to the node (the pod cache is behind)");
+                    continue;
+                }
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            }
+        }
+        confirmed.push(t);
+    }
+    let terminations = confirmed;
     if !terminations.is_empty() {
         let ids: Vec<String> = terminations.iter().map(|(i, ..)| (*i).clone()).collect();
         let outcome = ctx.cloud.terminate_instances(&ids).await;
@@ -723,7 +776,27 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
             continue;
         }
         let Some(m) = member(instance) else { continue };
+        let runs = matches!(
+            m.instance.state,
+            crate::cloud::InstanceState::Running | crate::cloud::InstanceState::Pending
+        );
         if let Some(node) = g.nodes.get(instance) {
+            // I3 from the API server, not the cache: a pod bound moments ago (kube-scheduler
+            // placed it before the cordon, the pod watch is behind) keeps the node running;
+            // a draining node stays draining and the next round evicts it.
+            if runs {
+                match pods_holding(ctx, &node.name_any()).await {
+                    Ok(holding) if holding.is_empty() => {}
+                    Ok(holding) => {
+                        tracing::info!(pool = %name, instance = %instance, node = %node.name_any(), ?holding, "not stopping: pods are bound to the node (the pod cache is behind)");
+                        continue;
+                    }
+                    Err(e) => {
+                        errors.push(e);
+                        continue;
+                    }
+                }
+            }
             let patch = |n: &Node| {
                 Some(json!({
                     "metadata": {
@@ -738,10 +811,7 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
                 continue;
             }
         }
-        if matches!(
-            m.instance.state,
-            crate::cloud::InstanceState::Running | crate::cloud::InstanceState::Pending
-        ) {
+        if runs {
             to_stop.push(instance.clone());
         }
         to_tag.push(instance.clone());
@@ -790,6 +860,41 @@ async fn execute(pool: &NodePool, ctx: &Context, g: &Gathered, plan: &Plan) -> V
             }
         }
     }
+    // Again now that every one of these nodes is cordoned and tainted, just before the one
+    // stop call: a pod bound in between (by a scheduler that had not seen the cordon yet)
+    // keeps its node running; the node gets its previous state back, so the next round
+    // drains it again.
+    let mut still_empty = Vec::with_capacity(to_stop.len());
+    for id in to_stop {
+        let Some(node) = g.nodes.get(&id) else {
+            still_empty.push(id);
+            continue;
+        };
+        let holding = match pods_holding(ctx, &node.name_any()).await {
+            Ok(holding) if holding.is_empty() => {
+                still_empty.push(id);
+                continue;
+            }
+            Ok(holding) => holding,
+            Err(e) => {
+                errors.push(e);
+                vec!["(unknown: the pods could not be read)".to_owned()]
+            }
+        };
+        tracing::info!(pool = %name, instance = %id, node = %node.name_any(), ?holding, "not stopping: pods were bound to the node meanwhile");
+        let before = |key: &str| node.annotations().get(key).cloned();
+        let restore = json!({
+            "metadata": {
+                "labels": {STATE_LABEL: node.labels().get(STATE_LABEL)},
+                "annotations": {EMPTY_SINCE: before(EMPTY_SINCE), DRAINING_SINCE: before(DRAINING_SINCE)},
+            }
+        });
+        if let Err(e) = patch_node(ctx, node, |_| Some(restore.clone())).await {
+            errors.push(e);
+        }
+        to_tag.retain(|t| *t != id);
+    }
+    let to_stop = still_empty;
     if !to_stop.is_empty() {
         let outcome = ctx.cloud.stop_instances(&to_stop).await;
         ctx.instances

@@ -162,24 +162,22 @@ fn observe_scheduled(ctx: &Context, memory: &mut Memory) {
     if memory.served.is_empty() {
         return;
     }
-    let pods: HashMap<String, Arc<CachedPod>> = ctx
-        .stores
-        .pods
-        .state()
-        .into_iter()
-        .map(|p| (p.key(), p))
-        .collect();
-    memory
-        .served
-        .retain(|key, (pool, since)| match pods.get(key) {
-            None => false,
-            Some(p) if p.node_name.is_some() => {
-                let waited = SystemTime::now().duration_since(*since).unwrap_or_default();
-                ctx.metrics.pod_scheduled(pool, waited);
-                false
-            }
-            Some(_) => true,
-        });
+    // A lookup per served pod, not a map of every pod: this runs on every pod change.
+    let pod = |key: &str| {
+        let (ns, name) = key.split_once('/')?;
+        ctx.stores
+            .pods
+            .get(&kube::runtime::reflector::ObjectRef::new(name).within(ns))
+    };
+    memory.served.retain(|key, (pool, since)| match pod(key) {
+        None => false,
+        Some(p) if p.node_name.is_some() => {
+            let waited = SystemTime::now().duration_since(*since).unwrap_or_default();
+            ctx.metrics.pod_scheduled(pool, waited);
+            false
+        }
+        Some(_) => true,
+    });
 }
 
 /// Allocatable less the requests of the pods on the node (finished ones aside; and, for a
@@ -300,6 +298,11 @@ fn gather(
 
     // Pods a start served stay out until their node had its chance.
     let now = Instant::now();
+    let unschedulable: HashSet<String> = all_pods
+        .iter()
+        .filter(|p| p.unschedulable)
+        .map(|p| p.key())
+        .collect();
     memory.in_flight.retain(|key, f| {
         let node = nodes_by_name.get(&f.node);
         let settled = node.is_some_and(|n| {
@@ -309,8 +312,7 @@ fn gather(
         if settled {
             f.settled_since.get_or_insert(now);
         }
-        let pending = all_pods.iter().any(|p| p.unschedulable && p.key() == *key);
-        pending
+        unschedulable.contains(key)
             && node.is_some()
             && now.duration_since(f.at) < IN_FLIGHT_LIMIT
             && f.settled_since
@@ -522,9 +524,11 @@ fn gather(
 
 /// One decision and its execution. Returns whether to decide again at once.
 async fn scale_up_round(ctx: &Context, pools: &Store<NodePool>, memory: &mut Memory) -> bool {
+    let round = Instant::now();
     let Ok((_, instances)) = ctx.instances.get().await else {
         return false;
     };
+    let decide = Instant::now();
     let snap = gather(ctx, pools, &instances, memory);
     // Pools whose nodes in-flight pods wait for stay wanted: their empty nodes must not be
     // drained before the pods land.
@@ -548,6 +552,7 @@ async fn scale_up_round(ctx: &Context, pools: &Store<NodePool>, memory: &mut Mem
         return false;
     }
     let mut decision = plan_scale_up(&snap.pods, &snap.pools, &snap.cluster);
+    let deciding = decide.elapsed();
     decision.wanted.extend(in_flight_pools);
     memory.awaiting_nodes = decision.pools.iter().any(|p| p.launch > 0 || p.handoff > 0)
         || decision.placements.iter().any(|(_, node)| {
@@ -566,6 +571,7 @@ async fn scale_up_round(ctx: &Context, pools: &Store<NodePool>, memory: &mut Mem
     publish_demand(ctx, &decision);
     let failed = start_all(ctx, &snap, &decision, memory).await;
     report_unserved(ctx, &decision, memory).await;
+    ctx.metrics.round("scaleup", round.elapsed(), deciding);
     if !decision.awaiting_stop.is_empty() {
         // Chosen nodes are still stopping: look again shortly, with a fresh listing.
         tokio::time::sleep(STOP_RECHECK).await;
