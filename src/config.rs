@@ -39,7 +39,7 @@ pub enum Command {
     InstallNoop { dest: std::path::PathBuf },
 }
 
-#[derive(Debug, Clone, Args, PartialEq, Eq)]
+#[derive(Debug, Clone, Args, PartialEq)]
 pub struct RunConfig {
     /// Name of the cluster; every instance Stratos owns carries it in the `stratos.sh/cluster` tag.
     #[arg(long, env = "STRATOS_CLUSTER_NAME", value_parser = parse_cluster_name)]
@@ -107,6 +107,21 @@ pub struct RunConfig {
     /// Default: every pool.
     #[arg(long, env = "STRATOS_POOL_SELECTOR")]
     pub pool_selector: Option<String>,
+
+    /// Multiplies the client-side EC2 rate limits (EC2's default account buckets), for an
+    /// account whose API throttling limits AWS has raised; below 1 leaves room for other
+    /// clients of the same account (0.1 to 100).
+    #[arg(long, env = "STRATOS_EC2_RATE_LIMIT_SCALE", default_value_t = 1.0, value_parser = parse_rate_limit_scale)]
+    pub ec2_rate_limit_scale: f64,
+}
+
+fn parse_rate_limit_scale(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("not a number: {e}"))?;
+    if (0.1..=100.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is outside 0.1 to 100"))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -294,6 +309,19 @@ mod tests {
         assert_eq!(cfg.leader_elect_lease_name, "stratos-leader");
         assert_eq!(cfg.leader_elect_namespace, None);
         assert_eq!(cfg.leader_elect_lease_duration.as_secs(), 12);
+        assert_eq!(cfg.ec2_rate_limit_scale, 1.0);
+    }
+
+    #[test]
+    fn the_rate_limit_scale_is_bounded() {
+        let cfg = run(&["--cluster-name=c", "--ec2-rate-limit-scale=20"]).unwrap();
+        assert_eq!(cfg.ec2_rate_limit_scale, 20.0);
+        for bad in ["0", "0.05", "101", "fast"] {
+            assert!(
+                run(&["--cluster-name=c", &format!("--ec2-rate-limit-scale={bad}")]).is_err(),
+                "{bad} accepted"
+            );
+        }
     }
 
     #[test]

@@ -123,7 +123,7 @@ async fn serve(cfg: RunConfig) -> Result<(), String> {
     let cloud = Arc::new(Ec2Cloud::new(
         &clients.aws,
         &cfg.cluster_name,
-        Limits::default(),
+        Limits::default().scaled(cfg.ec2_rate_limit_scale),
         RetryPolicy::default(),
         Arc::new(cloud_metrics),
     ));

@@ -106,6 +106,16 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// Every bucket's size and refill multiplied by `factor`: for an account whose EC2
+    /// throttling limits AWS has raised (or lowered, to leave room for other clients).
+    pub fn scaled(mut self, factor: f64) -> Self {
+        for bucket in self.request.values_mut().chain(self.resource.values_mut()) {
+            bucket.capacity *= factor;
+            bucket.refill_per_sec *= factor;
+        }
+        self
+    }
+
     /// No limiting at all (for benchmarks that measure Stratos, not the buckets).
     pub fn unlimited() -> Self {
         Self {
@@ -221,6 +231,19 @@ mod tests {
             limits.resource.insert(Operation::StartInstances, r);
         }
         RateLimiter::new(limits)
+    }
+
+    #[test]
+    fn scaling_multiplies_every_bucket() {
+        let base = Limits::default();
+        let raised = Limits::default().scaled(10.0);
+        for (op, b) in &base.request {
+            assert_eq!(raised.request[op].capacity, b.capacity * 10.0);
+            assert_eq!(raised.request[op].refill_per_sec, b.refill_per_sec * 10.0);
+        }
+        for (op, b) in &base.resource {
+            assert_eq!(raised.resource[op].capacity, b.capacity * 10.0);
+        }
     }
 
     #[tokio::test(start_paused = true)]
