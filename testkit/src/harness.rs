@@ -394,6 +394,15 @@ impl TestCluster {
     /// [`TestCluster::start_operator`] with the test's settings adjusted by `adjust` (e.g.
     /// production's listing TTL for a benchmark).
     pub fn start_operator_with(&self, adjust: impl FnOnce(&mut OperatorConfig)) -> Operator {
+        self.start_operator_on(&tokio::runtime::Handle::current(), adjust)
+    }
+
+    /// The operator on a runtime of its own (a benchmark reads its threads' CPU time).
+    pub fn start_operator_on(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        adjust: impl FnOnce(&mut OperatorConfig),
+    ) -> Operator {
         // The operator's own clients, named like the binary's, so audits can tell its calls.
         let mut operator_config = self.config.clone();
         stratos::preflight::identify(&mut operator_config);
@@ -412,7 +421,7 @@ impl TestCluster {
         adjust(&mut config);
         let cloud: Arc<dyn CloudProvider> = self.cloud.clone();
         let metrics = Arc::new(PoolMetrics::detached());
-        let task = tokio::spawn(stratos::controller::run(
+        let task = runtime.spawn(stratos::controller::run(
             client,
             eviction,
             cloud,

@@ -101,7 +101,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A network to launch into: one VPC, a subnet in each of three zones, a security group,
+/// A network to launch into: one VPC, a /20 subnet (4,091 addresses) in each of three zones, a security group,
 /// moto's first Amazon AMI and the instance profile `node-role`.
 pub struct Ec2Account {
     pub client: aws_sdk_ec2::Client,
@@ -170,7 +170,7 @@ impl Moto {
             let s = client
                 .create_subnet()
                 .vpc_id(&vpc_id)
-                .cidr_block(format!("10.0.{i}.0/24"))
+                .cidr_block(format!("10.0.{}.0/20", i * 16))
                 .availability_zone(*zone)
                 .send()
                 .await
