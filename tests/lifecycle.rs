@@ -1264,3 +1264,64 @@ async fn a_new_pool_packs_its_first_launch_by_a_known_node_size() {
     assert_eq!(launches, 4, "bin-packed by the known node size");
     cluster.invariants.assert_held().await;
 }
+
+/// Today's node images (docs/src/aws-setup.md): Amazon Linux 2023 (nodeadm `NodeConfig` in
+/// MIME multipart) and Bottlerocket (TOML) register with the labels and taints of their own
+/// user data, never power themselves off, and warm up to standby because Stratos stops them.
+/// The kubelet simulator would power off any node whose user data does, as the seeds' do.
+async fn warms_up_from_example(example: &str, yaml: &str) {
+    let mut options = ClusterOptions::default();
+    options.kubelet.poweroff_after_ready = Some(Duration::from_millis(300));
+    let cluster = TestCluster::start(options).await;
+    cluster.apply_yaml(AWS_NODE).await;
+    let _operator = cluster.start_operator();
+    cluster.apply_yaml(yaml).await;
+    cluster.wait_standby(example, 3, 3).await;
+    print_pools(&cluster);
+    let instances = cluster.pool_instances(example);
+    assert_eq!(instances.len(), 3);
+    // Every one of them was stopped by a StopInstances call of Stratos.
+    let stopped: std::collections::BTreeSet<String> = cluster
+        .cloud
+        .calls()
+        .into_iter()
+        .filter(|c| c.operation == Operation::StopInstances)
+        .flat_map(|c| c.ids)
+        .collect();
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    for inst in &instances {
+        assert!(
+            stopped.contains(&inst.id),
+            "{example}: {} was not stopped by Stratos",
+            inst.id
+        );
+        let node = nodes
+            .get(inst.private_dns_name.as_deref().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            node.labels().get("workload").map(String::as_str),
+            Some("general"),
+            "{example}: the label of the user data"
+        );
+        assert_eq!(
+            node.labels().get("stratos.sh/state").map(String::as_str),
+            Some("standby")
+        );
+    }
+    cluster.invariants.assert_held().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn al2023_nodes_warm_up_to_standby() {
+    warms_up_from_example("al2023", include_str!("../examples/al2023.yaml")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bottlerocket_nodes_warm_up_to_standby() {
+    warms_up_from_example(
+        "bottlerocket",
+        include_str!("../examples/bottlerocket.yaml"),
+    )
+    .await;
+}

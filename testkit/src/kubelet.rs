@@ -212,6 +212,107 @@ pub const RUN_FOR_ANNOTATION: &str = "testkit.stratos.sh/run-for";
 /// it they exit at once. The pod stays Terminating meanwhile, as on a real node.
 pub const SHUTDOWN_AFTER_ANNOTATION: &str = "testkit.stratos.sh/shutdown-after";
 
+/// The labels and taints a node registers with, from its user data in any of the three
+/// formats EKS nodes use: an Amazon Linux 2 bootstrap script (`--node-labels`,
+/// `--register-with-taints`), an Amazon Linux 2023 nodeadm `NodeConfig` (plain or in a MIME
+/// multipart part; `kubelet.config.registerWithTaints` and `kubelet.flags`), or Bottlerocket
+/// TOML settings (`settings.kubernetes.node-labels` and `node-taints`).
+pub fn registration(user_data: &str) -> (BTreeMap<String, String>, Vec<Value>) {
+    if user_data.contains("[settings.kubernetes") || user_data.contains("[settings]") {
+        return bottlerocket_settings(user_data);
+    }
+    if user_data.contains("kind: NodeConfig") {
+        return node_config(user_data);
+    }
+    kubelet_flags(user_data)
+}
+
+/// Bottlerocket: `node-taints` map a key to `["value:Effect", ...]`.
+fn bottlerocket_settings(user_data: &str) -> (BTreeMap<String, String>, Vec<Value>) {
+    let Ok(settings) = user_data.parse::<toml::Table>() else {
+        return Default::default();
+    };
+    let kubernetes = settings
+        .get("settings")
+        .and_then(|s| s.get("kubernetes"))
+        .and_then(toml::Value::as_table);
+    let labels = kubernetes
+        .and_then(|k| k.get("node-labels"))
+        .and_then(toml::Value::as_table)
+        .map(|t| {
+            t.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut taints = Vec::new();
+    if let Some(t) = kubernetes
+        .and_then(|k| k.get("node-taints"))
+        .and_then(toml::Value::as_table)
+    {
+        for (key, values) in t {
+            for v in values
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(toml::Value::as_str)
+            {
+                let (value, effect) = v.rsplit_once(':').unwrap_or(("", v));
+                taints.push(json!({"key": key, "value": value, "effect": effect}));
+            }
+        }
+    }
+    (labels, taints)
+}
+
+/// AL2023: the `NodeConfig` documents of the user data (MIME parts of type
+/// `application/node.eks.aws`, or the whole text).
+fn node_config(user_data: &str) -> (BTreeMap<String, String>, Vec<Value>) {
+    let mut labels = BTreeMap::new();
+    let mut taints = Vec::new();
+    // Every YAML document anywhere in the text that parses as a NodeConfig; MIME headers and
+    // boundaries sit between documents and do not parse as one.
+    let mut documents: Vec<String> = Vec::new();
+    let mut current = String::new();
+    for line in user_data.lines() {
+        if line == "---" || line.starts_with("--") || line.contains("Content-Type:") {
+            documents.push(std::mem::take(&mut current));
+            continue;
+        }
+        current.push_str(line);
+        current.push('\n');
+    }
+    documents.push(current);
+    for doc in documents {
+        let Ok(config) = serde_yaml::from_str::<Value>(&doc) else {
+            continue;
+        };
+        if config["kind"] != "NodeConfig" {
+            continue;
+        }
+        let kubelet = &config["spec"]["kubelet"];
+        for t in kubelet["config"]["registerWithTaints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            taints.push(json!({
+                "key": t["key"], "value": t["value"].as_str().unwrap_or(""), "effect": t["effect"]
+            }));
+        }
+        let flags: Vec<&str> = kubelet["flags"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let (l, t) = kubelet_flags(&flags.join(" "));
+        labels.extend(l);
+        taints.extend(t);
+    }
+    (labels, taints)
+}
+
 /// `--node-labels` and `--register-with-taints` from a bootstrap script.
 pub fn kubelet_flags(user_data: &str) -> (BTreeMap<String, String>, Vec<Value>) {
     let flag = |name: &str| -> Option<String> {
@@ -445,6 +546,10 @@ async fn sim_round(
                         .unwrap_or_default();
                     run_pods(client, &nodes_api, node, on_node, boot, options).await;
                     if let Some(after) = options.poweroff_after_ready
+                        && inst
+                            .user_data
+                            .as_deref()
+                            .is_none_or(stratos::pool::bootstrap::powers_off)
                         && boot.boots == 1
                         && !boot.powered_off
                         && since_register >= options.ready_after + after
@@ -503,7 +608,7 @@ async fn register(
     let (flag_labels, taints) = inst
         .user_data
         .as_deref()
-        .map(kubelet_flags)
+        .map(registration)
         .unwrap_or_default();
     let region = inst.zone.trim_end_matches(|c: char| c.is_ascii_lowercase());
     let mut labels: BTreeMap<String, String> = BTreeMap::from([
@@ -762,5 +867,39 @@ mod tests {
             ]
         );
         assert_eq!(kubelet_flags("echo hi"), (BTreeMap::new(), vec![]));
+    }
+
+    #[test]
+    fn al2023_and_bottlerocket_user_data_register_their_labels_and_taints() {
+        let not_ready = json!({"key": "node.eks.amazonaws.com/not-ready", "value": "true", "effect": "NoSchedule"});
+        for example in ["al2023", "bottlerocket"] {
+            let yaml = std::fs::read_to_string(format!(
+                "{}/../examples/{example}.yaml",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .unwrap();
+            let class: Value = serde_yaml::from_str(yaml.split("\n---\n").next().unwrap()).unwrap();
+            let user_data = class["spec"]["userData"].as_str().unwrap();
+            let (labels, taints) = registration(user_data);
+            assert_eq!(
+                labels.get("workload").map(String::as_str),
+                Some("general"),
+                "{example}"
+            );
+            assert_eq!(taints, vec![not_ready.clone()], "{example}");
+            assert!(
+                !stratos::pool::bootstrap::powers_off(user_data),
+                "{example} powers off"
+            );
+        }
+        // The seeds' AL2 scripts still register through their flags.
+        let (labels, taints) = registration(
+            "/etc/eks/bootstrap.sh c --kubelet-extra-args '--node-labels=a=b --register-with-taints=k=v:NoExecute'",
+        );
+        assert_eq!(labels.get("a").map(String::as_str), Some("b"));
+        assert_eq!(
+            taints,
+            vec![json!({"key": "k", "value": "v", "effect": "NoExecute"})]
+        );
     }
 }
