@@ -6,6 +6,7 @@
 pub mod awsnodeclass;
 pub mod duration;
 pub mod nodepool;
+pub mod reference;
 
 pub use awsnodeclass::{AWSNodeClass, AWSNodeClassSpec, AWSNodeClassStatus};
 pub use duration::Duration;

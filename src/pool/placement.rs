@@ -2,7 +2,7 @@
 //! anti-affinity, topology spread with `whenUnsatisfiable: DoNotSchedule`, and host ports,
 //! over the topology keys Stratos can place by: the node (`kubernetes.io/hostname`) and
 //! the zone (`topology.kubernetes.io/zone`). Terms over other keys are not simulated (such a
-//! pod is placed by its other constraints); the README lists this.
+//! pod is placed by its other constraints); docs/src/architecture.md lists this.
 //!
 //! Pure: the controller hands in the pods already bound (with their node and zone), the
 //! simulation adds the ones it places, and [`PodPlacement::admits`] answers per candidate.
