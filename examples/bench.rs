@@ -68,6 +68,17 @@ where
         .await;
 }
 
+/// `POOLS` m5.2xlarge classes and their pools (`pool-0`…), labelled `stratos.sh/pool`.
+fn pools_yaml(pool_size: usize, min_standby: usize, extra_spec: &str) -> String {
+    (0..POOLS)
+        .map(|i| {
+            format!(
+                "apiVersion: stratos.sh/v1alpha1\nkind: AWSNodeClass\nmetadata:\n  name: class-{i}\nspec:\n  instanceType: m5.2xlarge\n  ami: ami-0123456789abcdef0\n  subnetIds: [\"subnet-12345678\"]\n  securityGroupIds: [\"sg-12345678\"]\n  iamInstanceProfile: node-role\n---\napiVersion: stratos.sh/v1alpha1\nkind: NodePool\nmetadata:\n  name: pool-{i}\nspec:\n  poolSize: {pool_size}\n  minStandby: {min_standby}\n{extra_spec}  template:\n    nodeClassRef:\n      kind: AWSNodeClass\n      name: class-{i}\n    labels:\n      stratos.sh/pool: pool-{i}\n---\n"
+            )
+        })
+        .collect()
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -97,13 +108,9 @@ async fn decision() -> bool {
         c.listing_ttl = production.listing_ttl;
         c.resync = production.resync;
     });
-    let mut yaml = String::new();
-    for i in 0..POOLS {
-        yaml.push_str(&format!(
-            "apiVersion: stratos.sh/v1alpha1\nkind: AWSNodeClass\nmetadata:\n  name: class-{i}\nspec:\n  instanceType: m5.2xlarge\n  ami: ami-0123456789abcdef0\n  subnetIds: [\"subnet-12345678\"]\n  securityGroupIds: [\"sg-12345678\"]\n  iamInstanceProfile: node-role\n---\napiVersion: stratos.sh/v1alpha1\nkind: NodePool\nmetadata:\n  name: pool-{i}\nspec:\n  poolSize: 20\n  minStandby: {NODES_PER_POOL}\n  template:\n    nodeClassRef:\n      kind: AWSNodeClass\n      name: class-{i}\n    labels:\n      stratos.sh/pool: pool-{i}\n---\n"
-        ));
-    }
-    cluster.apply_yaml(&yaml).await;
+    cluster
+        .apply_yaml(&pools_yaml(20, NODES_PER_POOL, ""))
+        .await;
     let pools: Api<stratos::api::NodePool> = Api::all(cluster.client.clone());
     let want = (POOLS * NODES_PER_POOL) as i32;
     let t0 = Instant::now();
@@ -629,13 +636,13 @@ async fn scale() -> bool {
         c.node_gc_grace = production.node_gc_grace;
     });
     let standby = POOL_SIZE - RUNNING_PER_POOL;
-    let mut yaml = String::new();
-    for i in 0..POOLS {
-        yaml.push_str(&format!(
-            "apiVersion: stratos.sh/v1alpha1\nkind: AWSNodeClass\nmetadata:\n  name: class-{i}\nspec:\n  instanceType: m5.2xlarge\n  ami: ami-0123456789abcdef0\n  subnetIds: [\"subnet-12345678\"]\n  securityGroupIds: [\"sg-12345678\"]\n  iamInstanceProfile: node-role\n---\napiVersion: stratos.sh/v1alpha1\nkind: NodePool\nmetadata:\n  name: pool-{i}\nspec:\n  poolSize: {POOL_SIZE}\n  minStandby: {standby}\n  scaleDown:\n    emptyNodeTTL: 10s\n  template:\n    nodeClassRef:\n      kind: AWSNodeClass\n      name: class-{i}\n    labels:\n      stratos.sh/pool: pool-{i}\n---\n"
-        ));
-    }
-    cluster.apply_yaml(&yaml).await;
+    cluster
+        .apply_yaml(&pools_yaml(
+            POOL_SIZE,
+            standby,
+            "  scaleDown:\n    emptyNodeTTL: 10s\n",
+        ))
+        .await;
     let pools: Api<stratos::api::NodePool> = Api::all(cluster.client.clone());
     let t0 = Instant::now();
     let wait_pools = |what: &'static str, want: fn(&stratos::api::NodePoolStatus) -> bool| {
