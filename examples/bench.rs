@@ -600,6 +600,20 @@ fn thread_cpu_seconds(prefix: &str) -> f64 {
     total
 }
 
+/// Each pool's counts, as `kubectl get np` would show them.
+fn counts(statuses: &[stratos::api::NodePoolStatus]) -> String {
+    statuses
+        .iter()
+        .map(|s| {
+            format!(
+                "standby {} running {} starting {} warmup {} draining {} total {}",
+                s.standby, s.running, s.starting, s.warmup, s.draining, s.total
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// SPEC §12 "controller at scale": the operator runs 10 pools that hold 5,000 instances,
 /// 2,000 of them running with pods and 3,000 in standby, 50,000 pods in all, while 100 pod
 /// changes a second come and go and pending jobs are served from standby.
@@ -663,13 +677,7 @@ async fn scale() -> bool {
                     return true;
                 }
                 if Instant::now() > deadline {
-                    println!(
-                        "scale: {what} not reached: {:?}",
-                        statuses
-                            .iter()
-                            .map(|s| (s.standby, s.running, s.warmup, s.starting, s.total))
-                            .collect::<Vec<_>>()
-                    );
+                    println!("scale: {what} not reached: {}", counts(&statuses));
                     return false;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -869,13 +877,7 @@ async fn scale() -> bool {
     println!(
         "scale: during the churn {scale_ups:.0} nodes started from standby for pending jobs, {scale_downs:.0} drained back"
     );
-    println!(
-        "scale: pools at the end (standby, running, starting, draining, total): {:?}",
-        statuses
-            .iter()
-            .map(|s| (s.standby, s.running, s.starting, s.draining, s.total))
-            .collect::<Vec<_>>()
-    );
+    println!("scale: pools at the end: {}", counts(&statuses));
     cluster.invariants.assert_held().await;
     println!("scale: SPEC §11 invariants held");
     operator.kill();
